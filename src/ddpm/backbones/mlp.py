@@ -1,0 +1,49 @@
+"""A residual MLP eps-network for low-dimensional (toy 2-D) data."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ddpm.backbones.embedding import timestep_embedding
+
+
+class MLP(nn.Module):
+    """eps_theta(x, t) for vectors: residual SiLU blocks, each conditioned on the step embedding."""
+
+    def __init__(
+        self, dim: int = 2, hidden_dim: int = 256, num_layers: int = 4, time_embed_dim: int = 128
+    ) -> None:
+        super().__init__()
+        for key, value in {"dim": dim, "hidden_dim": hidden_dim, "num_layers": num_layers}.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"backbone.{key}={value!r} is invalid: it must be an integer >= 1."
+                )
+        self.dim = dim
+        self.time_embed_dim = time_embed_dim
+        self.time_embed = nn.Sequential(
+            nn.Linear(time_embed_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim)
+        )
+        self.input = nn.Linear(dim, hidden_dim)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.SiLU(),
+                nn.Linear(hidden_dim, hidden_dim),
+                nn.SiLU(),
+                nn.Linear(hidden_dim, hidden_dim),
+            )
+            for _ in range(num_layers)
+        )
+        self.output = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, dim))
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return (self.dim,)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = self.time_embed(timestep_embedding(t, self.time_embed_dim))
+        h = self.input(x)
+        for block in self.blocks:
+            h = h + block(h + emb)
+        return self.output(h)

@@ -1,0 +1,48 @@
+"""The 8x8 handwritten digits bundled with scikit-learn (1797 images, grey levels 0..16)."""
+
+from __future__ import annotations
+
+import torch
+from sklearn.datasets import load_digits
+
+from ddpm.data.base import TensorDataModule
+
+
+class DigitsDataModule(TensorDataModule):
+    """UCI digits scaled from {0, ..., 16} to [-1, 1], split with a fixed seed."""
+
+    num_levels = 17
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        split_seed: int = 0,
+        image_size: int = 8,
+        channels: int = 1,
+        num_workers: int = 0,
+    ) -> None:
+        if image_size != 8 or channels != 1:
+            raise ValueError(
+                f"data.image_size={image_size!r} and data.channels={channels!r} do not fit "
+                "data=digits: its images are 8x8 with 1 channel "
+                "(allowed: image_size=8, channels=1)."
+            )
+        for key, value in {"val_fraction": val_fraction, "test_fraction": test_fraction}.items():
+            if not 0.0 < value < 0.5:
+                raise ValueError(f"data.{key}={value!r} is invalid: it must lie in (0, 0.5).")
+        self.val_fraction, self.test_fraction, self.split_seed = (
+            val_fraction,
+            test_fraction,
+            split_seed,
+        )
+        super().__init__(batch_size, num_workers)
+
+    def make_splits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images = torch.from_numpy(load_digits().images).float()  # [1797, 8, 8] in 0..16
+        x = (images / (self.num_levels - 1) * 2 - 1).unsqueeze(1)
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.split_seed))
+        n_val, n_test = round(self.val_fraction * len(x)), round(self.test_fraction * len(x))
+        val, test, train = order[:n_val], order[n_val : n_val + n_test], order[n_val + n_test :]
+        return x[train], x[val], x[test]

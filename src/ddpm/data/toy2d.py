@@ -1,0 +1,73 @@
+"""Generated 2-D toy distributions, each scaled to roughly [-2, 2]^2."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from sklearn.datasets import make_moons, make_swiss_roll
+
+from ddpm.data.base import TensorDataModule
+
+TOY2D_NAMES = ("swissroll", "moons", "8gaussians", "checkerboard")
+
+
+def make_toy2d(name: str, n: int, seed: int) -> np.ndarray:
+    """n points of the toy distribution `name`, float [n, 2], reproducible from `seed`."""
+    rng = np.random.default_rng(seed)
+    if name == "swissroll":
+        x = make_swiss_roll(n, noise=0.5, random_state=seed)[0][:, [0, 2]] / 6.0
+    elif name == "moons":
+        x = (make_moons(n, noise=0.05, random_state=seed)[0] - [0.5, 0.25]) * 1.6
+    elif name == "8gaussians":
+        angles = rng.integers(0, 8, n) * (2 * math.pi / 8)
+        centers = 1.6 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+        x = centers + 0.1 * rng.standard_normal((n, 2))
+    elif name == "checkerboard":
+        x1 = rng.uniform(-2, 2, n)
+        x2 = rng.uniform(0, 1, n) + rng.integers(0, 2, n) * 2 - 2 + (np.floor(x1) % 2)
+        x = np.stack([x1, x2], axis=1)
+    else:
+        raise ValueError(f"data.name={name!r} is unknown: allowed are {', '.join(TOY2D_NAMES)}.")
+    return x.astype(np.float32)
+
+
+class Toy2DDataModule(TensorDataModule):
+    """Train, val and test sets drawn independently from the same toy distribution."""
+
+    def __init__(
+        self,
+        name: str = "swissroll",
+        num_train: int = 20000,
+        num_val: int = 2000,
+        num_test: int = 2000,
+        seed: int = 0,
+        batch_size: int = 256,
+        dim: int = 2,
+        num_workers: int = 0,
+    ) -> None:
+        if name not in TOY2D_NAMES:
+            raise ValueError(
+                f"data.name={name!r} is unknown: allowed are {', '.join(TOY2D_NAMES)}."
+            )
+        if dim != 2:
+            raise ValueError(
+                f"data.dim={dim!r} does not fit data=toy2d: its points are 2-D (allowed: 2)."
+            )
+        for key, value in {
+            "num_train": num_train,
+            "num_val": num_val,
+            "num_test": num_test,
+        }.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{key}={value!r} is invalid: it must be an integer >= 1.")
+        self.name, self.seed = name, seed
+        self.sizes = (num_train, num_val, num_test)
+        super().__init__(batch_size, num_workers)
+
+    def make_splits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(  # type: ignore[return-value]
+            torch.from_numpy(make_toy2d(self.name, n, self.seed + i))
+            for i, n in enumerate(self.sizes)
+        )

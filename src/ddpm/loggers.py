@@ -1,0 +1,60 @@
+"""Logger factories that need more than a `_target_`: wandb that never prompts or hangs."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+
+def wandb_credentials_found() -> bool:
+    """True when WANDB_API_KEY is set or ~/.netrc (or $NETRC) has a login for the wandb host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host or "") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_logger(
+    save_dir: str,
+    offline: bool | None = None,
+    group: str | None = None,
+    **kwargs: Any,
+) -> WandbLogger:
+    """A WandbLogger that is offline unless it can log live without asking anything.
+
+    `offline=None` decides from the environment: WANDB_MODE=offline|online|disabled wins; without
+    it, the run is online only when credentials are found. In a Hydra multirun, runs without an
+    explicit `group` are grouped by the sweep folder.
+    """
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if offline is None:
+        offline = mode in ("offline", "dryrun") or (mode == "" and not wandb_credentials_found())
+    if group is None:
+        group = _hydra_sweep_group()
+    wandb_dir = Path(save_dir) / "wandb"
+    if offline:
+        rank_zero_info(
+            f"wandb: logging offline to {wandb_dir}; upload with "
+            f"`wandb sync {wandb_dir}/offline-run-*`"
+            " (or set WANDB_MODE=online after `wandb login` to log live)."
+        )
+    return WandbLogger(save_dir=save_dir, offline=offline, group=group, **kwargs)
+
+
+def _hydra_sweep_group() -> str | None:
+    """In a multirun, the sweep folder as a name (`train-multirun-<timestamp>`), else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return "-".join(Path(HydraConfig.get().sweep.dir).parts[-3:])

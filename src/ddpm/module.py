@@ -1,0 +1,114 @@
+"""DiffusionModule: the LightningModule that trains an eps-network with L_simple."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from ddpm.diffusion import GaussianDiffusion
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def linear_warmup(warmup_steps: int, step: int) -> float:
+    """Learning-rate factor: rises linearly to 1 over the first `warmup_steps` steps."""
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+class DiffusionModule(pl.LightningModule):
+    """Trains `backbone` as eps_theta for `diffusion`; samples with the weights it holds.
+
+    During validation and after `fit`, Lightning's EMAWeightAveraging has swapped the EMA weights
+    in, and a checkpoint's `state_dict` holds them, so `sample()` then uses the EMA weights.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        diffusion: GaussianDiffusion,
+        optimizer: OptimizerFactory,
+        warmup_steps: int = 0,
+        clip_denoised: bool = True,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(
+                f"model.warmup_steps={warmup_steps!r} is invalid: it must be an integer >= 0."
+            )
+        # `run_config` is the run's resolved config (plain containers): it goes into every
+        # checkpoint and to the loggers as the run's config.
+        self.save_hyperparameters(ignore=["backbone", "diffusion", "optimizer"])
+        self.backbone = backbone
+        self.diffusion = diffusion
+        self.optimizer_factory = optimizer
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """eps_theta(x_t, t)."""
+        return self.backbone(x, t)
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion.training_loss(self.backbone, batch[0]).mean()
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    def _fixed_noise_loss(self, x0: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """L_simple with t and noise drawn from a generator seeded by the batch and rank, so that
+        evaluations at different steps compare the same terms."""
+        seed = batch_idx * self.trainer.world_size + self.trainer.global_rank
+        generator = torch.Generator(device=x0.device).manual_seed(seed)
+        t = torch.randint(
+            0, self.diffusion.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device
+        )
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return self.diffusion.training_loss(self.backbone, x0, t, noise).mean()
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        loss = self._fixed_noise_loss(batch[0], batch_idx)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch[0].shape[0])
+
+    def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        loss = self._fixed_noise_loss(batch[0], batch_idx)
+        self.log("test/loss", loss, sync_dist=True, batch_size=batch[0].shape[0])
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw `num_samples` examples with the ancestral sampler (Algorithm 2)."""
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            return self.diffusion.sample_loop(
+                self.backbone,
+                (num_samples, *self.backbone.data_shape),
+                generator=generator,
+                clip_denoised=self.hparams.clip_denoised,
+            )
+        finally:
+            self.backbone.train(was_training)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.backbone.parameters())
+        if not self.hparams.warmup_steps:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, functools.partial(linear_warmup, self.hparams.warmup_steps)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.hparams.clip_denoised and getattr(datamodule, "num_levels", 1) is None:
+            warnings.warn(
+                "model.clip_denoised=true clamps the predicted x_0 to [-1, 1], but the data is "
+                "continuous and may lie outside it; set model.clip_denoised=false.",
+                stacklevel=1,
+            )

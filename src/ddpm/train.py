@@ -1,0 +1,110 @@
+"""Training entry logic: build everything from a Hydra config, check it, then fit."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ddpm.module import DiffusionModule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """What `build` makes from a config: everything `trainer.fit` needs."""
+
+    datamodule: pl.LightningDataModule
+    module: DiffusionModule
+    trainer: pl.Trainer
+
+
+def _instantiate_all(node: DictConfig | None) -> list[Any]:
+    """Instantiate each `_target_` entry of a dict of named entries (null entries are skipped)."""
+    return [instantiate(v) for v in (node or {}).values() if v is not None]
+
+
+def _check_config(cfg: DictConfig) -> None:
+    """Checks that need the config rather than one object."""
+    lr = cfg.model.optimizer.get("lr")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
+        raise ValueError(f"model.optimizer.lr={lr!r} is invalid: it must be a number > 0.")
+    decay = OmegaConf.select(cfg, "callbacks.ema.decay")
+    if decay is not None and not (isinstance(decay, (int, float)) and 0.0 <= decay <= 1.0):
+        raise ValueError(f"callbacks.ema.decay={decay!r} is invalid: it must lie in [0, 1].")
+
+
+def build(cfg: DictConfig) -> Run:
+    """Instantiate data, diffusion, backbone, module, callbacks, loggers and trainer, and check
+    that they fit together; every user error is a ValueError naming the key."""
+    _check_config(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    diffusion = instantiate(cfg.diffusion)
+    backbone = instantiate(cfg.backbone)
+    if tuple(backbone.data_shape) != tuple(datamodule.data_shape):
+        raise ValueError(
+            f"backbone={_choice('backbone')} takes examples of shape {tuple(backbone.data_shape)} "
+            f"but data={_choice('data')} has shape {tuple(datamodule.data_shape)}: the backbone's "
+            "channels and size (backbone.in_channels, backbone.image_size, backbone.dim) "
+            "must match the data's."
+        )
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    make_module = instantiate(cfg.model, _partial_=True)  # run_config must not be instantiated
+    module = make_module(backbone=backbone, diffusion=diffusion, run_config=run_config)
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=_instantiate_all(cfg.get("callbacks")),
+        logger=_instantiate_all(cfg.get("logger")) or False,
+    )
+    datamodule.per_device_batch_size(trainer.world_size)
+    num_params = sum(p.numel() for p in backbone.parameters())
+    log.info(f"backbone {_choice('backbone')}: {num_params:,} parameters ({num_params / 1e6:.1f}M)")
+    return Run(datamodule, module, trainer)
+
+
+def _choice(group: str) -> str:
+    """The option chosen for a config group in this Hydra run ('?' outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return "?"
+    return str(HydraConfig.get().runtime.choices.get(group, "?"))
+
+
+def _user_error(error: Exception) -> str | None:
+    """The one-sentence message of a configuration error, or None if it is not one."""
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__
+    if isinstance(error, OmegaConfBaseException):
+        key = getattr(error, "full_key", None)
+        message = str(error).splitlines()[0]
+        return f"{key}: {message}" if key else message
+    if isinstance(error, ValueError):
+        return str(error)
+    return None
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Build and fit; return the final callback metrics (e.g. `val/loss`) as floats."""
+    try:
+        run = build(cfg)
+    except Exception as error:  # report configuration errors in one sentence, before training
+        message = _user_error(error)
+        if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"Error: {message}", file=sys.stderr)
+        sys.exit(1)
+    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items()}
+    log.info("final metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+    return metrics

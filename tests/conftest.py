@@ -1,0 +1,61 @@
+"""Shared helpers: compose the Hydra config in-process, or run train.py as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# Few steps and a short chain: enough to exercise every piece in seconds.
+FAST = [
+    "timesteps=50",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=1",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.enable_model_summary=false",
+    "callbacks.samples.num_samples=4",
+]
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path):
+    """compose_cfg(overrides) -> the train config, set up as inside a Hydra run in tmp_path."""
+
+    def _compose(overrides: list[str]) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(tmp_path)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg.hydra
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+def run_train(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None):
+    """Run `python train.py ARGS` in `cwd`; return the CompletedProcess (text output)."""
+    full_env = {**os.environ, "WANDB_MODE": "", "HYDRA_FULL_ERROR": "0", **(env or {})}
+    full_env.pop("WANDB_API_KEY", None)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )

@@ -1,0 +1,90 @@
+"""`python train.py` as a user runs it: one run, a 2x2 multirun with wandb offline, DDP on two
+CPU processes, and errors from the command line."""
+
+import csv
+from pathlib import Path
+
+import torch
+from conftest import FAST, run_train
+
+
+def only(paths: list[Path]) -> Path:
+    assert len(paths) == 1, paths
+    return paths[0]
+
+
+def test_train_leaves_one_run_folder(tmp_path: Path) -> None:
+    result = run_train([*FAST, f"paths.log_dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = only(list((tmp_path / "train" / "linear-beta").iterdir()))
+    assert (run / ".hydra" / "config.yaml").is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert only(list((run / "checkpoints").glob("best-step=*.ckpt")))
+    assert sorted(p.name for p in (run / "samples").glob("*.png")) == [
+        "step_0000002.png",
+        "step_0000004.png",
+    ]
+    rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
+    columns = set(rows[0])
+    assert {"train/loss", "val/loss", "lr-Adam"} <= columns
+    assert "backbone unet: 267,313 parameters" in result.stdout + result.stderr
+    torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+def test_multirun_2x2_with_wandb_offline(tmp_path: Path) -> None:
+    args = ["-m", "schedule=linear,cosine", "variance=beta,tilde_beta", "logger=wandb"]
+    result = run_train(
+        [*args, *FAST, f"paths.log_dir={tmp_path}"],
+        cwd=tmp_path,
+        env={"WANDB_MODE": "", "NETRC": str(tmp_path / "no-netrc")},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = only(list((tmp_path / "train" / "multirun").iterdir()))
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == [
+        "0_schedule=linear,variance=beta",
+        "1_schedule=linear,variance=tilde_beta",
+        "2_schedule=cosine,variance=beta",
+        "3_schedule=cosine,variance=tilde_beta",
+    ]
+    for job in jobs:
+        folder = sweep / job
+        assert (folder / "checkpoints" / "last.ckpt").is_file()
+        assert len(list((folder / "samples").glob("step_*.png"))) == 2
+        offline_run = only(list((folder / "wandb").glob("offline-run-*")))
+        assert list(offline_run.glob("run-*.wandb"))
+        schedule, variance = (part.split("=")[1] for part in job.split("_", 1)[1].split(","))
+        config = (offline_run / "files" / "config.yaml").read_text()
+        assert f"name: {schedule}" in config
+    assert (
+        result.stdout.count("wandb: logging offline to")
+        + result.stderr.count("wandb: logging offline to")
+        == 4
+    )
+    assert "wandb sync" in result.stdout + result.stderr
+
+
+def test_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
+    args = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    result = run_train([*args, *FAST, f"paths.log_dir={tmp_path}"], cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "MEMBER: 2/2" in output
+    run = only(list((tmp_path / "train" / "linear-beta").iterdir()))
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((run / "samples").glob("step_*.png"))) == 2
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4
+
+
+def test_bad_input_from_the_command_line(tmp_path: Path) -> None:
+    result = run_train(["timesteps=0", f"paths.log_dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: timesteps=0 is invalid: it must be an integer >= 1."
+    )
+    assert "Traceback" not in result.stderr
+    unknown = run_train(["schedule=nope", f"paths.log_dir={tmp_path}"], cwd=tmp_path)
+    assert unknown.returncode != 0
+    assert "Could not find 'schedule/nope'" in unknown.stderr
+    assert "Available options in 'schedule'" in unknown.stderr

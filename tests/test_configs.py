@@ -1,0 +1,163 @@
+"""Every config group option composes and instantiates (Hydra compose API), a short in-process
+run trains and checkpoints, and each bad input ends before training with one sentence."""
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import CONF, FAST
+from hydra.utils import instantiate
+
+from ddpm.backbones import MLP, UNet
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.train import build, train
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_groups_have_the_documented_options() -> None:
+    assert options("schedule") == ["cosine", "linear", "quadratic", "sigmoid"]
+    assert options("variance") == ["beta", "tilde_beta"]
+    assert options("backbone") == ["mlp", "unet", "unet_ddpm_cifar10"]
+    assert options("data") == ["digits", "toy2d"]
+    assert options("logger") == ["csv", "none", "tensorboard", "wandb"]
+    assert options("trainer") == ["cpu", "ddp", "default", "gpu"]
+    assert {"digits", "toy2d"} <= set(options("experiment"))
+
+
+@pytest.mark.parametrize("schedule", options("schedule"))
+@pytest.mark.parametrize("variance", options("variance"))
+def test_schedule_and_variance_build_the_diffusion(
+    compose_cfg, schedule: str, variance: str
+) -> None:
+    cfg = compose_cfg([f"schedule={schedule}", f"variance={variance}", "timesteps=300"])
+    diffusion = instantiate(cfg.diffusion)
+    assert isinstance(diffusion, GaussianDiffusion)
+    assert diffusion.num_timesteps == 300 and diffusion.variance == variance
+    assert cfg.schedule.name == schedule
+
+
+@pytest.mark.parametrize(
+    ("overrides", "cls", "shape"),
+    [
+        (["backbone=unet"], UNet, (1, 8, 8)),
+        (["backbone=mlp", "data=toy2d"], MLP, (2,)),
+        (
+            ["backbone=unet_ddpm_cifar10", "data.image_size=32", "data.channels=3"],
+            UNet,
+            (3, 32, 32),
+        ),
+    ],
+)
+def test_backbones_instantiate(compose_cfg, overrides: list[str], cls: type, shape: tuple) -> None:
+    net = instantiate(compose_cfg(overrides).backbone)
+    assert isinstance(net, cls) and net.data_shape == shape
+
+
+@pytest.mark.parametrize("data", options("data"))
+def test_data_instantiate(compose_cfg, data: str) -> None:
+    dm = instantiate(compose_cfg([f"data={data}"]).data)
+    assert isinstance(dm, pl.LightningDataModule) and len(dm.train_data) > 1000
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+def test_trainers_instantiate_on_cpu(compose_cfg, trainer: str) -> None:
+    cfg = compose_cfg([f"trainer={trainer}", "trainer.accelerator=cpu", "trainer.devices=1"])
+    assert isinstance(instantiate(cfg.trainer, logger=False), pl.Trainer)
+
+
+def test_ddp_trainer_is_ddp_on_all_gpus(compose_cfg) -> None:
+    cfg = compose_cfg(["trainer=ddp"])
+    assert (cfg.trainer.strategy, cfg.trainer.accelerator, cfg.trainer.devices) == (
+        "ddp",
+        "gpu",
+        -1,
+    )
+
+
+@pytest.mark.parametrize("logger", options("logger"))
+def test_loggers_instantiate(compose_cfg, logger: str, monkeypatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", "/nonexistent")
+    cfg = compose_cfg([f"logger={logger}"])
+    loggers = [instantiate(v) for v in cfg.logger.values()]
+    assert len(loggers) == (0 if logger == "none" else 1)
+    if logger == "none":
+        assert cfg.callbacks.lr_monitor is None
+    if logger == "wandb":
+        assert loggers[0]._offline and loggers[0].name == "linear-beta-unet"
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiments_build(compose_cfg, experiment: str) -> None:
+    run = build(compose_cfg([f"experiment={experiment}", "logger=none"]))
+    assert tuple(run.module.backbone.data_shape) == run.datamodule.data_shape
+
+
+def test_short_training_run_checkpoints_and_samples(compose_cfg, tmp_path: Path) -> None:
+    cfg = compose_cfg([*FAST, "logger=csv"])
+    run = build(cfg)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert torch.isfinite(torch.tensor(float(run.trainer.callback_metrics["val/loss"])))
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
+        "step_0000002.png",
+        "step_0000004.png",
+    ]
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4
+    assert ckpt["hyper_parameters"]["run_config"]["diffusion"]["variance"] == "beta"
+    assert ckpt["hyper_parameters"]["run_config"]["timesteps"] == 50
+    # The checkpoint's state_dict holds the EMA weights, which the module holds after fit.
+    ema = {k: v for k, v in ckpt["state_dict"].items()}
+    current = ckpt["current_model_state"]
+    name = "backbone.conv_in.weight"
+    assert not torch.equal(ema[name], current[name])
+    assert torch.equal(run.module.state_dict()[name], ema[name])
+    samples = run.module.sample(3, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (3, 1, 8, 8) and samples.abs().max() <= 1
+
+
+def test_seed_makes_a_cpu_run_repeatable(compose_cfg) -> None:
+    overrides = [*FAST, "logger=none", "callbacks.samples=null", "callbacks.checkpoint=null"]
+    first = train(compose_cfg(overrides))
+    second = train(compose_cfg(overrides))
+    assert first["train/loss"] == second["train/loss"] and first["val/loss"] == second["val/loss"]
+    third = train(compose_cfg([*overrides, "seed=7"]))
+    assert third["train/loss"] != first["train/loss"]
+
+
+BAD_INPUTS = [
+    (["timesteps=0"], r"timesteps=0 is invalid: it must be an integer >= 1"),
+    (["timesteps=abc"], r"timesteps='abc' is invalid: it must be an integer >= 1"),
+    (["schedule.beta_end=2.0"], r"schedule.beta_end=2.0 .* outside \(0, 1\)"),
+    (["schedule=cosine", "schedule.max_beta=1.5"], r"schedule.max_beta=1.5 .* outside \(0, 1\)"),
+    (["diffusion.variance=learned"], r"variance='learned' is unknown: allowed are 'beta' and"),
+    (["experiment=toy2d", "data.name=spiral"], r"data.name='spiral' is unknown: allowed are"),
+    (["backbone.channel_mult=[1,2,2,2,2]"], r"data.image_size=8 cannot be halved 4 times"),
+    (["backbone.in_channels=3"], r"takes examples of shape \(3, 8, 8\) but data=.* \(1, 8, 8\)"),
+    (["data=toy2d"], r"backbone.in_channels.*data.channels.*backbone=.* does not fit data="),
+    (["data.batch_size=0"], r"data.batch_size=0 is invalid"),
+    (["model.optimizer.lr=-1"], r"model.optimizer.lr=-1 is invalid: it must be a number > 0"),
+    (["callbacks.ema.decay=1.5"], r"callbacks.ema.decay=1.5 is invalid: it must lie in \[0, 1\]"),
+    (
+        ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=3"],
+        r"data.batch_size=128 is the global batch and must be divisible by the 3",
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "pattern"), BAD_INPUTS)
+def test_bad_input_is_one_sentence_before_training(
+    compose_cfg, capsys, tmp_path: Path, overrides: list[str], pattern: str
+) -> None:
+    cfg = compose_cfg(overrides)
+    with pytest.raises(SystemExit) as exit_info:
+        train(cfg)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("Error: ")
+    assert pytest.importorskip("re").search(pattern, err[0]), err[0]
+    assert not (tmp_path / "checkpoints").exists()

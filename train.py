@@ -1,0 +1,16 @@
+"""Train a DDPM: `python train.py [group=option ...] [key=value ...]` (configs in conf/)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from ddpm.train import train
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns the final val/loss (what a sweeper would optimise)."""
+    return train(cfg).get("val/loss")
+
+
+if __name__ == "__main__":
+    main()
