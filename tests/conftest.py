@@ -16,16 +16,8 @@ from omegaconf import DictConfig, open_dict
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
-# Few steps and a short chain: enough to exercise every piece in seconds.
-FAST = [
-    "timesteps=50",
-    "trainer.max_steps=4",
-    "trainer.val_check_interval=2",
-    "trainer.limit_val_batches=1",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.enable_model_summary=false",
-    "callbacks.samples.num_samples=4",
-]
+# Few steps and a short chain (conf/experiment/smoke.yaml): every piece in seconds.
+FAST = ["experiment=smoke"]
 
 
 @pytest.fixture

@@ -41,21 +41,28 @@ def test_multirun_2x2_with_wandb_offline(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = only(list((tmp_path / "train" / "multirun").iterdir()))
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    named = "experiment=smoke,logger=wandb,schedule={},variance={}"
     assert jobs == [
-        "0_schedule=linear,variance=beta",
-        "1_schedule=linear,variance=tilde_beta",
-        "2_schedule=cosine,variance=beta",
-        "3_schedule=cosine,variance=tilde_beta",
+        f"{n}_" + named.format(s, v)
+        for n, (s, v) in enumerate(
+            [("linear", "beta"), ("linear", "tilde_beta"), ("cosine", "beta"), ("cosine", "tilde_beta")]
+        )
     ]
     for job in jobs:
         folder = sweep / job
         assert (folder / "checkpoints" / "last.ckpt").is_file()
         assert len(list((folder / "samples").glob("step_*.png"))) == 2
         offline_run = only(list((folder / "wandb").glob("offline-run-*")))
-        assert list(offline_run.glob("run-*.wandb"))
-        schedule, variance = (part.split("=")[1] for part in job.split("_", 1)[1].split(","))
-        config = (offline_run / "files" / "config.yaml").read_text()
-        assert f"name: {schedule}" in config
+        assert len(list((offline_run / "files" / "media" / "images").glob("samples_*.png"))) == 2
+        # The offline record (what `wandb sync` uploads) holds the run's name, its sweep group,
+        # the metrics and the resolved config; its strings are stored as plain bytes.
+        record = only(list(offline_run.glob("run-*.wandb"))).read_bytes()
+        schedule = job.split("schedule=")[1].split(",")[0]
+        variance = job.split("variance=")[1]
+        expected = [f"{schedule}-{variance}-unet", f"train-multirun-{sweep.name}", "train/loss",
+                    "val/loss", "lr-Adam", "run_config", f"schedule={schedule}"]
+        for text in expected:
+            assert text.encode() in record, text
     assert (
         result.stdout.count("wandb: logging offline to")
         + result.stderr.count("wandb: logging offline to")
@@ -88,3 +95,14 @@ def test_bad_input_from_the_command_line(tmp_path: Path) -> None:
     assert unknown.returncode != 0
     assert "Could not find 'schedule/nope'" in unknown.stderr
     assert "Available options in 'schedule'" in unknown.stderr
+
+
+def test_long_override_lists_make_short_sweep_folder_names() -> None:
+    from ddpm.train import short_dirname
+
+    assert short_dirname("schedule=cosine,variance=beta") == "schedule=cosine,variance=beta"
+    assert short_dirname("data.root=/a/b") == "data.root=_a_b"
+    long = ",".join(f"trainer.key{i}={i}" for i in range(40))
+    short = short_dirname(long)
+    assert len(short) == 200 and short.startswith(long[:150])
+    assert short != short_dirname(long + ",x=1")

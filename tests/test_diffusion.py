@@ -95,7 +95,7 @@ def test_p_sample_with_perfect_eps_is_posterior_mean_plus_sigma_noise(variance: 
     sigma = c(np.sqrt(sigma2))
     sigma[0] = 0.0  # no noise at the last step
     torch.testing.assert_close(out, mean + sigma * noise, rtol=1e-9, atol=1e-9)
-    assert torch.equal(out[0], d.q_posterior_mean_variance(x0, xt, t)[0][0])
+    assert torch.equal(out[0], d.p_mean_variance(eps, xt, t)[0][0])  # exactly no noise at t = 0
 
 
 def test_p_mean_is_equation_11_without_clipping() -> None:

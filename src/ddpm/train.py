@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -10,13 +11,26 @@ from typing import Any
 
 import lightning.pytorch as pl
 from hydra.errors import InstantiationException
+from lightning.pytorch.loggers import WandbLogger
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException
 
 from ddpm.module import DiffusionModule
 
 log = logging.getLogger(__name__)
+
+
+def short_dirname(name: str, limit: int = 200) -> str:
+    """A sweep job's folder name from its overrides: '/' made '_', and past `limit` characters
+    cut and ended with a hash, since file systems refuse names over 255 bytes."""
+    name = name.replace(os.sep, "_")
+    if len(name) <= limit:
+        return name
+    return f"{name[: limit - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
+OmegaConf.register_new_resolver("short_dirname", short_dirname, replace=True)
 
 
 @dataclass
@@ -50,7 +64,13 @@ def build(cfg: DictConfig) -> Run:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     diffusion = instantiate(cfg.diffusion)
-    backbone = instantiate(cfg.backbone)
+    try:
+        backbone = instantiate(cfg.backbone)
+    except InterpolationKeyError as error:
+        raise ValueError(
+            f"backbone={_choice('backbone')} does not fit data={_choice('data')}: it reads a key "
+            f"the data config lacks ({error}); 2-D data takes backbone=mlp (experiment=toy2d)."
+        ) from error
     if tuple(backbone.data_shape) != tuple(datamodule.data_shape):
         raise ValueError(
             f"backbone={_choice('backbone')} takes examples of shape {tuple(backbone.data_shape)} "
@@ -70,6 +90,14 @@ def build(cfg: DictConfig) -> Run:
     num_params = sum(p.numel() for p in backbone.parameters())
     log.info(f"backbone {_choice('backbone')}: {num_params:,} parameters ({num_params / 1e6:.1f}M)")
     return Run(datamodule, module, trainer)
+
+
+def _finish_wandb(trainer: pl.Trainer) -> None:
+    """End the wandb run, so that the next job of a multirun in this process starts its own."""
+    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+        import wandb
+
+        wandb.finish()
 
 
 def _choice(group: str) -> str:
@@ -104,7 +132,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             raise
         print(f"Error: {message}", file=sys.stderr)
         sys.exit(1)
-    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    finally:
+        _finish_wandb(run.trainer)
     metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items()}
     log.info("final metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
     return metrics
