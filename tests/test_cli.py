@@ -41,12 +41,11 @@ def test_multirun_2x2_with_wandb_offline(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = only(list((tmp_path / "train" / "multirun").iterdir()))
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    named = "experiment=smoke,logger=wandb,schedule={},variance={}"
+    choices = [("linear", "beta"), ("linear", "tilde_beta"), ("cosine", "beta")]
+    choices.append(("cosine", "tilde_beta"))
     assert jobs == [
-        f"{n}_" + named.format(s, v)
-        for n, (s, v) in enumerate(
-            [("linear", "beta"), ("linear", "tilde_beta"), ("cosine", "beta"), ("cosine", "tilde_beta")]
-        )
+        f"{n}_experiment=smoke,logger=wandb,schedule={s},variance={v}"
+        for n, (s, v) in enumerate(choices)
     ]
     for job in jobs:
         folder = sweep / job
@@ -59,8 +58,15 @@ def test_multirun_2x2_with_wandb_offline(tmp_path: Path) -> None:
         record = only(list(offline_run.glob("run-*.wandb"))).read_bytes()
         schedule = job.split("schedule=")[1].split(",")[0]
         variance = job.split("variance=")[1]
-        expected = [f"{schedule}-{variance}-unet", f"train-multirun-{sweep.name}", "train/loss",
-                    "val/loss", "lr-Adam", "run_config", f"schedule={schedule}"]
+        expected = [
+            f"{schedule}-{variance}-unet",
+            f"train-multirun-{sweep.name}",
+            "train/loss",
+            "val/loss",
+            "lr-Adam",
+            "run_config",
+            f"schedule={schedule}",
+        ]
         for text in expected:
             assert text.encode() in record, text
     assert (

@@ -11,8 +11,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 from hydra.errors import InstantiationException
-from lightning.pytorch.loggers import WandbLogger
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException
 
