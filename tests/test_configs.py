@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import CONF, FAST
 from hydra.utils import instantiate
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ddpm.backbones import MLP, UNet
 from ddpm.diffusion import GaussianDiffusion
@@ -99,7 +100,7 @@ def test_experiments_build(compose_cfg, experiment: str) -> None:
 
 
 def test_short_training_run_checkpoints_and_samples(compose_cfg, tmp_path: Path) -> None:
-    cfg = compose_cfg([*FAST, "logger=csv"])
+    cfg = compose_cfg([*FAST, "logger=tensorboard"])
     run = build(cfg)
     run.trainer.fit(run.module, datamodule=run.datamodule)
     assert torch.isfinite(torch.tensor(float(run.trainer.callback_metrics["val/loss"])))
@@ -117,6 +118,9 @@ def test_short_training_run_checkpoints_and_samples(compose_cfg, tmp_path: Path)
     name = "backbone.conv_in.weight"
     assert not torch.equal(ema[name], current[name])
     assert torch.equal(run.module.state_dict()[name], ema[name])
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert "samples" in events.Tags()["images"] and "train/loss" in events.Tags()["scalars"]
     samples = run.module.sample(3, generator=torch.Generator().manual_seed(0))
     assert samples.shape == (3, 1, 8, 8) and samples.abs().max() <= 1
 
