@@ -7,7 +7,9 @@ dtype of the input x.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import collections
+import math
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -27,7 +29,12 @@ class GaussianDiffusion(nn.Module):
     is cast to another dtype.
     """
 
-    def __init__(self, betas: torch.Tensor | Sequence[float], variance: str = "beta") -> None:
+    def __init__(
+        self,
+        betas: torch.Tensor | Sequence[float],
+        variance: str = "beta",
+        timestep_map: torch.Tensor | Sequence[int] | None = None,
+    ) -> None:
         super().__init__()
         if variance not in VARIANCES:
             raise ValueError(
@@ -56,6 +63,15 @@ class GaussianDiffusion(nn.Module):
             model_variance = posterior_variance
             model_log_variance = posterior_log_variance_clipped
 
+        # The network is always called with timestep_map[t]: the identity, or for a respaced
+        # chain (see `respace`) the original step that respaced step t stands for.
+        if timestep_map is None:
+            timestep_map = torch.arange(self.num_timesteps)
+        timestep_map = torch.as_tensor(timestep_map, dtype=torch.long)
+        if timestep_map.shape != betas.shape:
+            raise ValueError("timestep_map must have one entry per beta.")
+        self.register_buffer("timestep_map", timestep_map, persistent=False)
+
         buffers = {
             "betas": betas,
             "alphas_cumprod": alphas_cumprod,
@@ -79,7 +95,7 @@ class GaussianDiffusion(nn.Module):
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - torch's signature
         """Follow the device of `.to()` / `.cuda()` but keep the schedule in float64."""
-        float64 = {name: buf for name, buf in self.named_buffers(recurse=False)}
+        float64 = {n: b for n, b in self.named_buffers(recurse=False) if b.is_floating_point()}
         super()._apply(fn, recurse)
         for name, old in float64.items():
             self._buffers[name] = old.to(self._buffers[name].device)
@@ -150,19 +166,49 @@ class GaussianDiffusion(nn.Module):
         nonzero = (t != 0).to(x_t.dtype).reshape(t.shape[0], *((1,) * (x_t.ndim - 1)))
         return mean + nonzero * torch.exp(0.5 * log_variance) * noise
 
+    def ddim_sample(
+        self,
+        eps: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        eta: float = 0.0,
+        clip_denoised: bool = False,
+    ) -> torch.Tensor:
+        """Song et al. (2021), eq. 12: one DDIM step from step t to the chain's previous step.
+
+        sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev); eta = 1
+        is the ancestral step with sigma_t^2 = beta_tilde_t, eta = 0 is deterministic.
+        """
+        pred_x0 = self.predict_x0_from_eps(x_t, t, eps)
+        if clip_denoised:
+            pred_x0 = pred_x0.clamp(-1.0, 1.0)
+            # the eps that the clipped x_0 implies
+            eps = (
+                self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_x0
+            ) / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t)
+        abar = self._extract(self.alphas_cumprod, t, x_t)
+        abar_prev = self._extract(self.alphas_cumprod_prev, t, x_t)
+        sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
+        mean = abar_prev.sqrt() * pred_x0 + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps
+        nonzero = (t != 0).to(x_t.dtype).reshape(t.shape[0], *((1,) * (x_t.ndim - 1)))
+        return mean + nonzero * sigma * noise
+
     @torch.no_grad()
-    def sample_loop(
+    def sample_steps(
         self,
         model: Model,
         shape: Sequence[int],
         generator: torch.Generator | None = None,
         clip_denoised: bool = True,
         progress: bool = False,
-    ) -> torch.Tensor:
-        """Algorithm 2: run the reverse chain from x_T ~ N(0, I) down to x_0.
+        eta: float | None = None,
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Run the reverse chain from x_T ~ N(0, I), yielding (t, x_{t-1}, predicted x_0) per step.
 
-        Noise is drawn on the generator's device (the CPU when none is given) and moved to the
-        device of the schedule buffers, so a seeded generator gives the same chain on any device.
+        Ancestral sampling (Algorithm 2) when `eta` is None, else DDIM with that eta. Noise is
+        drawn on the generator's device (the CPU when none is given) and moved to the device of
+        the buffers, so a seeded generator gives the same chain on any device.
         """
         device = self.betas.device
         noise_device = generator.device if generator is not None else torch.device("cpu")
@@ -178,8 +224,55 @@ class GaussianDiffusion(nn.Module):
             steps = tqdm(steps, total=self.num_timesteps, desc="sampling")
         for i in steps:
             t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
-            x = self.p_sample(model(x, t), x, t, randn(), clip_denoised)
-        return x
+            eps = model(x, self.timestep_map[t])
+            if eta is None:
+                mean, _, log_variance, pred_x0 = self.p_mean_variance(eps, x, t, clip_denoised)
+                x = mean + (i != 0) * torch.exp(0.5 * log_variance) * randn()
+            else:
+                pred_x0 = self.predict_x0_from_eps(x, t, eps)
+                x = self.ddim_sample(eps, x, t, randn(), eta, clip_denoised)
+            yield i, x, pred_x0
+
+    def sample_loop(
+        self,
+        model: Model,
+        shape: Sequence[int],
+        generator: torch.Generator | None = None,
+        clip_denoised: bool = True,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Algorithm 2: ancestral sampling from x_T ~ N(0, I) down to x_0."""
+        return _last_x(self.sample_steps(model, shape, generator, clip_denoised, progress))
+
+    def ddim_sample_loop(
+        self,
+        model: Model,
+        shape: Sequence[int],
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        clip_denoised: bool = True,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """DDIM sampling over this chain's steps (respace first for fewer steps)."""
+        return _last_x(self.sample_steps(model, shape, generator, clip_denoised, progress, eta=eta))
+
+    def respace(self, steps: int) -> GaussianDiffusion:
+        """A chain over `steps` evenly spaced steps of this one (improved-diffusion's respacing).
+
+        The kept steps are round(i (T-1) / (steps-1)), so the first and last are kept; the betas
+        are recomputed from abar on the kept steps, beta_i = 1 - abar_{s_i} / abar_{s_(i-1)}, so
+        that q(x_t | x_0) is unchanged at every kept step. The network still sees the original t.
+        """
+        T = self.num_timesteps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+            raise ValueError(f"steps={steps!r} is invalid: it must be an integer in [1, {T}].")
+        if steps == 1:
+            kept = torch.tensor([T - 1])
+        else:
+            kept = torch.unique(torch.round(torch.arange(steps) * (T - 1) / (steps - 1)).long())
+        abar = self.alphas_cumprod.cpu()[kept]
+        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+        return GaussianDiffusion(1 - abar / abar_prev, self.variance, self.timestep_map.cpu()[kept])
 
     def training_loss(
         self,
@@ -193,5 +286,111 @@ class GaussianDiffusion(nn.Module):
             t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
-        eps = model(self.q_sample(x0, t, noise), t)
+        eps = model(self.q_sample(x0, t, noise), self.timestep_map[t])
         return (noise - eps).pow(2).flatten(1).mean(dim=1)
+
+    # The variational bound (eq. 5) in bits per dimension.
+
+    def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
+        """L_T: KL(q(x_T | x_0) || N(0, I)), mean over dimensions, in bits, [B]."""
+        x = x0.double()
+        t = torch.full((x.shape[0],), self.num_timesteps - 1, device=x.device, dtype=torch.long)
+        mean = self._extract(self.sqrt_alphas_cumprod, t, x) * x
+        log_variance = torch.log1p(-self._extract(self.alphas_cumprod, t, x)).expand_as(x)
+        kl = normal_kl(mean, log_variance, torch.zeros_like(x), torch.zeros_like(x))
+        return _mean_bits(kl).to(x0.dtype)
+
+    def vb_terms_bpd(
+        self,
+        eps: torch.Tensor,
+        x0: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        num_levels: int = 256,
+    ) -> torch.Tensor:
+        """L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0, and the decoder's
+        L_0 = -log p(x_0 | x_1) with `num_levels` bins over [-1, 1] where t == 0; bits/dim, [B].
+
+        Computed in float64; p is the unclipped model distribution of `p_mean_variance`.
+        """
+        dtype = x0.dtype
+        eps, x0, x_t = eps.double(), x0.double(), x_t.double()
+        q_mean, _, q_log_variance = self.q_posterior_mean_variance(x0, x_t, t)
+        p_mean, _, p_log_variance, _ = self.p_mean_variance(eps, x_t, t)
+        kl = _mean_bits(normal_kl(q_mean, q_log_variance, p_mean, p_log_variance))
+        nll = -_mean_bits(
+            discretized_gaussian_log_likelihood(x0, p_mean, 0.5 * p_log_variance, num_levels)
+        )
+        return torch.where(t == 0, nll, kl).to(dtype)
+
+    @torch.no_grad()
+    def nll_bpd(
+        self,
+        model: Model,
+        x0: torch.Tensor,
+        num_levels: int = 256,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The full variational bound L_T + sum_t L_{t-1} + L_0 in bits/dim, every term computed.
+
+        For t = 0, 1, ..., T-1 in that order it draws eps (on the generator's device, as in
+        `sample_steps`), forms x_t = q_sample(x0, t, eps) and evaluates `vb_terms_bpd`.
+        Returns `total_bpd` [B], `prior_bpd` [B] and `terms_bpd` [B, T].
+        """
+        noise_device = generator.device if generator is not None else torch.device("cpu")
+        terms = []
+        for i in range(self.num_timesteps):
+            t = torch.full((x0.shape[0],), i, device=x0.device, dtype=torch.long)
+            noise = torch.randn(x0.shape, generator=generator, device=noise_device).to(x0)
+            x_t = self.q_sample(x0, t, noise)
+            eps = model(x_t, self.timestep_map[t])
+            terms.append(self.vb_terms_bpd(eps, x0, x_t, t, num_levels).double())
+        terms_bpd = torch.stack(terms, dim=1)
+        prior = self.prior_bpd(x0).double()
+        total = terms_bpd.sum(dim=1) + prior
+        return {"total_bpd": total, "prior_bpd": prior, "terms_bpd": terms_bpd}
+
+
+def _last_x(steps: Iterator[tuple[int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The final x of a `sample_steps` chain."""
+    return collections.deque(steps, maxlen=1)[0][1]
+
+
+def _mean_bits(nats: torch.Tensor) -> torch.Tensor:
+    """Mean over all but the batch dimension, converted from nats to bits."""
+    return nats.flatten(1).mean(dim=1) / math.log(2.0)
+
+
+def normal_kl(
+    mean1: torch.Tensor, log_var1: torch.Tensor, mean2: torch.Tensor, log_var2: torch.Tensor
+) -> torch.Tensor:
+    """KL(N(mean1, exp(log_var1)) || N(mean2, exp(log_var2))), elementwise, in nats."""
+    return 0.5 * (
+        -1.0
+        + log_var2
+        - log_var1
+        + torch.exp(log_var1 - log_var2)
+        + (mean1 - mean2) ** 2 * torch.exp(-log_var2)
+    )
+
+
+def discretized_gaussian_log_likelihood(
+    x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor, num_levels: int
+) -> torch.Tensor:
+    """log P(x) for data on `num_levels` evenly spaced values in [-1, 1] under N(mean, scale^2)
+    integrated over each value's bin (the outer bins reach -inf and +inf), elementwise, in nats."""
+    if num_levels < 2:
+        raise ValueError(f"num_levels={num_levels!r} is invalid: it must be an integer >= 2.")
+    half_bin = 1.0 / (num_levels - 1)
+    inv_scale = torch.exp(-log_scale)
+    upper = inv_scale * (x - mean + half_bin)
+    lower = inv_scale * (x - mean - half_bin)
+    # P(lower < z < upper), taken from the tail it lies in so that it does not round to 0.
+    upper_tail = torch.special.ndtr(-lower) - torch.special.ndtr(-upper)
+    lower_tail = torch.special.ndtr(upper) - torch.special.ndtr(lower)
+    log_bin = torch.log(torch.where(lower > 0, upper_tail, lower_tail).clamp(min=1e-300))
+    return torch.where(
+        x < -1.0 + half_bin / 2,
+        torch.special.log_ndtr(upper),
+        torch.where(x > 1.0 - half_bin / 2, torch.special.log_ndtr(-lower), log_bin),
+    )

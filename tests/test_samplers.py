@@ -1,0 +1,105 @@
+"""Respaced and DDIM samplers against the ancestral chain and their definitions."""
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.schedules import make_beta_schedule
+
+T = 50
+
+
+def noisy_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A deterministic stand-in network that depends on x and t."""
+    return torch.tanh(x * 0.7 + t[:, None].to(x.dtype) / T)
+
+
+def test_respacing_to_all_steps_is_the_ancestral_chain() -> None:
+    d = GaussianDiffusion(make_beta_schedule("cosine", T), variance="tilde_beta")
+    r = d.respace(T)
+    torch.testing.assert_close(r.betas, d.betas, rtol=1e-12, atol=1e-15)
+    assert torch.equal(r.timestep_map, torch.arange(T))
+    a = d.sample_loop(noisy_model, (8, 2), generator=torch.Generator().manual_seed(1))
+    b = r.sample_loop(noisy_model, (8, 2), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_respaced_betas_use_the_previous_kept_step() -> None:
+    betas = make_beta_schedule("linear", 1000)
+    d = GaussianDiffusion(betas)
+    r = d.respace(10)
+    kept = np.round(np.arange(10) * 999 / 9).astype(int)
+    assert r.timestep_map.tolist() == kept.tolist()
+    abar = np.cumprod(1 - betas.numpy())
+    expected = 1 - abar[kept] / np.append(1.0, abar[kept][:-1])
+    np.testing.assert_allclose(r.betas.numpy(), expected, rtol=1e-12)
+    # q(x_t | x_0) is unchanged at every kept step.
+    np.testing.assert_allclose(r.alphas_cumprod.numpy(), abar[kept], rtol=1e-12)
+    seen = []
+
+    def recording(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(int(t[0]))
+        return torch.zeros_like(x)
+
+    r.sample_loop(recording, (2, 2))
+    assert seen == kept[::-1].tolist()
+
+
+def test_bad_respacing_is_refused() -> None:
+    d = GaussianDiffusion(make_beta_schedule("linear", 100))
+    with pytest.raises(
+        ValueError, match=r"steps=0 is invalid: it must be an integer in \[1, 100\]"
+    ):
+        d.respace(0)
+    with pytest.raises(ValueError, match=r"steps=101"):
+        d.respace(101)
+
+
+def test_ddim_with_eta_1_is_the_ancestral_step_with_tilde_beta() -> None:
+    d = GaussianDiffusion(make_beta_schedule("linear", T), variance="tilde_beta")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, 3, generator=g, dtype=torch.float64)
+    eps = torch.randn(T, 3, generator=g, dtype=torch.float64)
+    noise = torch.randn(T, 3, generator=g, dtype=torch.float64)
+    t = torch.arange(T)
+    torch.testing.assert_close(
+        d.ddim_sample(eps, x, t, noise, eta=1.0), d.p_sample(eps, x, t, noise), rtol=1e-9, atol=1e-9
+    )
+
+
+def test_ddim_with_eta_0_is_deterministic_given_x_t() -> None:
+    d = GaussianDiffusion(make_beta_schedule("cosine", T)).respace(10)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, generator=g)
+    eps = torch.randn(4, 3, generator=g)
+    t = torch.tensor([0, 3, 5, 9])
+    a = d.ddim_sample(eps, x, t, torch.randn(4, 3, generator=g), eta=0.0)
+    b = d.ddim_sample(eps, x, t, torch.randn(4, 3, generator=g), eta=0.0)
+    assert torch.equal(a, b)
+    # The whole chain then depends only on x_T: two generators that agree on x_T alone agree.
+    shape = (4, 2)
+    first = torch.Generator().manual_seed(3)
+    second = torch.Generator().manual_seed(3)
+    run_a = d.ddim_sample_loop(noisy_model, shape, eta=0.0, generator=first)
+    run_b = list(d.sample_steps(noisy_model, shape, generator=second, eta=0.0))[-1][1]
+    assert torch.equal(run_a, run_b)
+
+
+@pytest.mark.parametrize("sampler", ["respaced", "ddim0", "ddim1"])
+def test_fast_samplers_recover_a_point_mass(sampler: str) -> None:
+    d = GaussianDiffusion(make_beta_schedule("linear", 1000))
+    c = torch.tensor([0.25, -0.5])
+
+    def eps_star(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = d.alphas_cumprod[t].float()[:, None]
+        return (x - a.sqrt() * c) / (1 - a).sqrt()
+
+    r = d.respace(20)
+    g = torch.Generator().manual_seed(0)
+    if sampler == "respaced":
+        out = r.sample_loop(eps_star, (6, 2), generator=g, clip_denoised=False)
+    else:
+        eta = float(sampler[-1])
+        out = r.ddim_sample_loop(eps_star, (6, 2), eta=eta, generator=g, clip_denoised=False)
+    torch.testing.assert_close(out, c.expand(6, 2), atol=1e-4, rtol=0)
