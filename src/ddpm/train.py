@@ -2,35 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException
+from omegaconf.errors import InterpolationKeyError
 
+from ddpm.cli import user_errors
 from ddpm.module import DiffusionModule
 
 log = logging.getLogger(__name__)
-
-
-def short_dirname(name: str, limit: int = 200) -> str:
-    """A sweep job's folder name from its overrides: '/' made '_', and past `limit` characters
-    cut and ended with a hash, since file systems refuse names over 255 bytes."""
-    name = name.replace(os.sep, "_")
-    if len(name) <= limit:
-        return name
-    return f"{name[: limit - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
-
-
-OmegaConf.register_new_resolver("short_dirname", short_dirname, replace=True)
 
 
 @dataclass
@@ -109,29 +94,10 @@ def _choice(group: str) -> str:
     return str(HydraConfig.get().runtime.choices.get(group, "?"))
 
 
-def _user_error(error: Exception) -> str | None:
-    """The one-sentence message of a configuration error, or None if it is not one."""
-    while isinstance(error, InstantiationException) and error.__cause__ is not None:
-        error = error.__cause__
-    if isinstance(error, OmegaConfBaseException):
-        key = getattr(error, "full_key", None)
-        message = str(error).splitlines()[0]
-        return f"{key}: {message}" if key else message
-    if isinstance(error, ValueError):
-        return str(error)
-    return None
-
-
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build and fit; return the final callback metrics (e.g. `val/loss`) as floats."""
-    try:
+    with user_errors():  # configuration errors end here, in one sentence, before training
         run = build(cfg)
-    except Exception as error:  # report configuration errors in one sentence, before training
-        message = _user_error(error)
-        if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"Error: {message}", file=sys.stderr)
-        sys.exit(1)
     try:
         run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
     finally:

@@ -1,0 +1,55 @@
+"""What the command-line entry points share: the config folder and one-line user errors."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from hydra.errors import InstantiationException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def short_dirname(name: str, limit: int = 200) -> str:
+    """A sweep job's folder name from its overrides: '/' made '_', and past `limit` characters
+    cut and ended with a hash, since file systems refuse names over 255 bytes."""
+    name = name.replace(os.sep, "_")
+    if len(name) <= limit:
+        return name
+    return f"{name[: limit - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
+OmegaConf.register_new_resolver("short_dirname", short_dirname, replace=True)
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The one-sentence message of a configuration error, or None if it is not one."""
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__
+    if isinstance(error, OmegaConfBaseException):
+        key = getattr(error, "full_key", None)
+        message = str(error).splitlines()[0]
+        return f"{key}: {message}" if key else message
+    if isinstance(error, ValueError):
+        return str(error)
+    return None
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a configuration error raised inside into `Error: <sentence>` and exit code 1
+    (the traceback too with HYDRA_FULL_ERROR=1); other exceptions pass through."""
+    try:
+        yield
+    except Exception as error:
+        message = user_error_message(error)
+        if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"Error: {message}", file=sys.stderr)
+        sys.exit(1)
