@@ -22,12 +22,13 @@ FAST = ["experiment=smoke"]
 
 @pytest.fixture
 def compose_cfg(tmp_path: Path):
-    """compose_cfg(overrides) -> the train config, set up as inside a Hydra run in tmp_path."""
+    """compose_cfg(overrides, config_name="train") -> the config, as inside a Hydra run in
+    tmp_path."""
 
-    def _compose(overrides: list[str]) -> DictConfig:
+    def _compose(overrides: list[str], config_name: str = "train") -> DictConfig:
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose("train", overrides=overrides, return_hydra_config=True)
+            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(tmp_path)
         HydraConfig.instance().set_config(cfg)
@@ -39,12 +40,15 @@ def compose_cfg(tmp_path: Path):
     GlobalHydra.instance().clear()
 
 
-def run_train(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None):
-    """Run `python train.py ARGS` in `cwd`; return the CompletedProcess (text output)."""
+def run_train(
+    args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None, script: str = ""
+):
+    """Run `python train.py ARGS` (or `python -m SCRIPT ARGS`) in `cwd`; return the
+    CompletedProcess (text output)."""
     full_env = {**os.environ, "WANDB_MODE": "", "HYDRA_FULL_ERROR": "0", **(env or {})}
     full_env.pop("WANDB_API_KEY", None)
     return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
+        [sys.executable, *(["-m", script] if script else [str(ROOT / "train.py")]), *args],
         cwd=cwd,
         capture_output=True,
         text=True,

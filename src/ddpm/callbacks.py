@@ -15,12 +15,13 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 
-def image_grid(samples: torch.Tensor, min_side: int = 32) -> np.ndarray:
-    """[N, C, H, W] in [-1, 1] -> a uint8 [H', W', 3] grid; small images are upscaled with
-    nearest-neighbour so that each is at least `min_side` pixels wide."""
+def image_grid(samples: torch.Tensor, min_side: int = 32, nrow: int | None = None) -> np.ndarray:
+    """[N, C, H, W] in [-1, 1] -> a uint8 [H', W', 3] grid of `nrow` per row (default: square);
+    small images are upscaled with nearest-neighbour so that each is at least `min_side` wide."""
     scale = max(1, math.ceil(min_side / samples.shape[-1]))
     x = F.interpolate((samples.float().clamp(-1, 1) + 1) / 2, scale_factor=scale, mode="nearest")
-    grid = make_grid(x, nrow=math.ceil(math.sqrt(len(x))), padding=scale, pad_value=0.5)
+    nrow = nrow or math.ceil(math.sqrt(len(x)))
+    grid = make_grid(x, nrow=nrow, padding=scale, pad_value=0.5)
     return (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
 
 

@@ -50,6 +50,14 @@ def wandb_logger(
     return WandbLogger(save_dir=save_dir, offline=offline, group=group, **kwargs)
 
 
+def finish_wandb(loggers: list[Any]) -> None:
+    """End the wandb run, so that the next job of a multirun in this process starts its own."""
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        import wandb
+
+        wandb.finish()
+
+
 def _hydra_sweep_group() -> str | None:
     """In a multirun, the sweep folder as a name (`train-multirun-<timestamp>`), else None."""
     from hydra.core.hydra_config import HydraConfig

@@ -8,11 +8,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
 
 from ddpm.cli import user_errors
+from ddpm.loggers import finish_wandb
 from ddpm.module import DiffusionModule
 
 log = logging.getLogger(__name__)
@@ -77,14 +77,6 @@ def build(cfg: DictConfig) -> Run:
     return Run(datamodule, module, trainer)
 
 
-def _finish_wandb(trainer: pl.Trainer) -> None:
-    """End the wandb run, so that the next job of a multirun in this process starts its own."""
-    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
-        import wandb
-
-        wandb.finish()
-
-
 def _choice(group: str) -> str:
     """The option chosen for a config group in this Hydra run ('?' outside one)."""
     from hydra.core.hydra_config import HydraConfig
@@ -101,7 +93,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
     finally:
-        _finish_wandb(run.trainer)
+        finish_wandb(run.trainer.loggers)
     metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items()}
     log.info("final metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
     return metrics

@@ -1,0 +1,168 @@
+"""Sampling and evaluation of a short-trained checkpoint: the CLIs, checkpoint loading and its
+errors, and the 2-D distances against closed forms."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST, run_train
+from hydra.core.global_hydra import GlobalHydra
+
+from ddpm.checkpoint import load_trained
+from ddpm.evaluate import energy_distance, evaluate, sliced_wasserstein
+from ddpm.train import build
+
+
+def train_checkpoint(compose_cfg, overrides: list[str]) -> Path:
+    cfg = compose_cfg(["logger=none", *overrides])
+    run = build(cfg)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    GlobalHydra.instance().clear()
+    return Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture
+def digits_ckpt(compose_cfg) -> Path:
+    return train_checkpoint(compose_cfg, FAST)
+
+
+def test_sample_cli_writes_grid_npz_and_trajectory(digits_ckpt: Path, tmp_path: Path) -> None:
+    args = [
+        f"ckpt_path={digits_ckpt}",
+        "sampler=ddim",
+        "steps=10",
+        "trajectory=true",
+        "num_samples=6",
+        "batch_size=4",
+        f"paths.log_dir={tmp_path}",
+    ]
+    result = run_train(args, cwd=tmp_path, script="ddpm.sample")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = next((tmp_path / "sample" / "ddim").iterdir())
+    assert (out / "samples.png").is_file() and (out / "trajectory.png").is_file()
+    npz = np.load(out / "samples.npz")
+    assert npz["samples"].dtype == np.uint8 and npz["samples"].shape == (6, 8, 8, 1)
+    assert npz["samples"].max() <= 16 and int(npz["num_levels"]) == 17
+    assert "sampling" in result.stderr  # the progress bar
+
+
+def test_eval_cli_writes_the_bound_and_skips_fid_in_one_line(digits_ckpt, tmp_path) -> None:
+    args = [
+        f"ckpt_path={digits_ckpt}",
+        "max_examples=20",
+        "batch_size=10",
+        f"paths.log_dir={tmp_path}",
+    ]
+    result = run_train(args, cwd=tmp_path, script="ddpm.evaluate")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = next((tmp_path / "eval" / "test").iterdir())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_examples"] == 20 and metrics["num_levels"] == 17
+    assert 0 < metrics["bpd"] < 20 and metrics["fid"] is None
+    rows = list(csv.DictReader((out / "bpd_terms.csv").open()))
+    assert [int(r["t"]) for r in rows] == list(range(1, 51))
+    total = sum(float(r["bpd"]) for r in rows) + metrics["prior_bpd"]
+    assert total == pytest.approx(metrics["bpd"], rel=1e-9)
+    assert (out / "bpd_terms.png").is_file() and (out / "csv" / "metrics.csv").is_file()
+    output = result.stdout + result.stderr
+    assert output.count("FID/KID skipped") == 1
+    assert "bpd" in result.stdout
+
+
+def test_checkpoint_keeps_its_chain_unless_a_change_is_allowed(digits_ckpt: Path) -> None:
+    trained = load_trained(digits_ckpt)
+    assert trained.diffusion.num_timesteps == 50 and trained.diffusion.variance == "beta"
+    assert load_trained(digits_ckpt, variance="tilde_beta").diffusion.variance == "tilde_beta"
+    with pytest.raises(
+        ValueError, match=r"timesteps=100 differs from the checkpoint's timesteps=50"
+    ):
+        load_trained(digits_ckpt, timesteps=100)
+    with pytest.raises(ValueError, match=r"schedule='cosine' differs from the checkpoint's"):
+        load_trained(digits_ckpt, schedule="cosine")
+    changed = load_trained(
+        digits_ckpt, schedule="cosine", timesteps=100, allow_schedule_change=True
+    )
+    assert changed.diffusion.num_timesteps == 100
+    ema, raw = load_trained(digits_ckpt), load_trained(digits_ckpt, use_ema=False)
+    assert not torch.equal(ema.backbone.conv_in.weight, raw.backbone.conv_in.weight)
+
+
+def test_unreadable_checkpoints_get_one_sentence(tmp_path: Path) -> None:
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(b"PK\x03\x04 not really a zip")
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    cases = [
+        (None, r"ckpt_path is required"),
+        (tmp_path, r"is a folder; pass a checkpoint file, e.g. ckpt_path=.*last.ckpt"),
+        (tmp_path / "missing.ckpt", r"missing.ckpt does not exist"),
+        (truncated, r"truncated.ckpt is not a readable checkpoint"),
+        (foreign, r"foreign.ckpt holds no ddpm run"),
+    ]
+    for path, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            load_trained(path)
+
+
+def test_sample_cli_refuses_a_missing_checkpoint(tmp_path: Path) -> None:
+    result = run_train(
+        ["ckpt_path=nope.ckpt", f"paths.log_dir={tmp_path}"], cwd=tmp_path, script="ddpm.sample"
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: ckpt_path=nope.ckpt does not exist: pass the path of a .ckpt file."
+    )
+
+
+def test_toy2d_eval_reports_distances_beside_floor_and_baseline(compose_cfg) -> None:
+    ckpt = train_checkpoint(
+        compose_cfg,
+        [
+            "experiment=toy2d",
+            "timesteps=50",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=2",
+            "data.num_val=300",
+            "data.num_test=300",
+            "callbacks.samples.num_samples=4",
+        ],
+    )
+    cfg = compose_cfg([f"ckpt_path={ckpt}", "logger=none"], config_name="eval")
+    metrics = evaluate(cfg, Path(cfg.paths.output_dir))
+    for name in ("energy_distance", "sliced_wasserstein"):
+        values = metrics[name]
+        assert set(values) == {"model", "floor_two_held_out_draws", "gaussian_baseline"}
+        # A 4-step model is poor, but the floor must be below the Gaussian baseline.
+        assert 0 <= values["floor_two_held_out_draws"] < values["gaussian_baseline"]
+    assert metrics["num_samples"] == 300 and "bpd" not in metrics
+
+
+def test_energy_distance_of_shifted_gaussians_matches_closed_form() -> None:
+    """X ~ N(0, 1), Y ~ N(mu, 1) in 1-D: E|X-Y| = E|Z| for Z ~ N(mu, 2), E|X-X'| = 2/sqrt(pi)."""
+    g = torch.Generator().manual_seed(0)
+    n, mu = 6000, 0.8
+    x = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    y = mu + torch.randn(n, 1, generator=g, dtype=torch.float64)
+    s = math.sqrt(2)
+    e_abs = s * math.sqrt(2 / math.pi) * math.exp(-(mu**2) / (2 * s**2)) + mu * math.erf(
+        mu / (s * math.sqrt(2))
+    )
+    expected = 2 * e_abs - 2 * (2 / math.sqrt(math.pi))
+    assert energy_distance(x, y) == pytest.approx(expected, abs=0.03)  # ~4 standard errors
+    # Identical samples: only the estimator's -2 E|X-X'| / n remains.
+    assert abs(energy_distance(x, x.flip(0))) < 2 * 1.2 / n
+
+
+def test_sliced_wasserstein_of_a_shift() -> None:
+    """Y = X + v: each projection moves by v.theta, so SW2 = |v| / sqrt(2) over 2-D directions."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2000, 2, generator=g)
+    v = torch.tensor([0.6, -0.8])
+    assert sliced_wasserstein(x, x + v, num_projections=2000) == pytest.approx(
+        1 / math.sqrt(2), rel=0.03
+    )
+    assert sliced_wasserstein(x, x) == 0.0
