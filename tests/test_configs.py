@@ -125,6 +125,15 @@ def test_short_training_run_checkpoints_and_samples(compose_cfg, tmp_path: Path)
     assert samples.shape == (3, 1, 8, 8) and samples.abs().max() <= 1
 
 
+def test_val_bpd_is_logged_when_asked(compose_cfg) -> None:
+    cfg = compose_cfg([*FAST, "logger=none", "model.val_bpd_every=2", "callbacks.samples=null"])
+    run = build(cfg)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    # Validations at steps 2 and 4; the bound is measured at the first (every 2nd from 0).
+    assert run.module.num_validations == 2
+    assert 0.0 < float(run.trainer.callback_metrics["val/bpd"]) < 20.0
+
+
 def test_seed_makes_a_cpu_run_repeatable(compose_cfg) -> None:
     overrides = [*FAST, "logger=none", "callbacks.samples=null", "callbacks.checkpoint=null"]
     first = train(compose_cfg(overrides))
@@ -147,6 +156,7 @@ BAD_INPUTS = [
     (["data.batch_size=0"], r"data.batch_size=0 is invalid"),
     (["model.optimizer.lr=-1"], r"model.optimizer.lr=-1 is invalid: it must be a number > 0"),
     (["callbacks.ema.decay=1.5"], r"callbacks.ema.decay=1.5 is invalid: it must lie in \[0, 1\]"),
+    (["model.val_bpd_every=-1"], r"model.val_bpd_every=-1 is invalid: it must be an integer >= 0"),
     (
         ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=3"],
         r"data.batch_size=128 is the global batch and must be divisible by the 3",

@@ -35,6 +35,8 @@ class DiffusionModule(pl.LightningModule):
         optimizer: OptimizerFactory,
         warmup_steps: int = 0,
         clip_denoised: bool = True,
+        val_bpd_every: int = 0,
+        val_bpd_batches: int = 1,
         run_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -42,6 +44,10 @@ class DiffusionModule(pl.LightningModule):
             raise ValueError(
                 f"model.warmup_steps={warmup_steps!r} is invalid: it must be an integer >= 0."
             )
+        for key, value in (("val_bpd_every", val_bpd_every), ("val_bpd_batches", val_bpd_batches)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"model.{key}={value!r} is invalid: it must be an integer >= 0.")
+        self.num_validations = 0  # completed validations, for val_bpd_every
         # `run_config` is the run's resolved config (plain containers): it goes into every
         # checkpoint and to the loggers as the run's config.
         self.save_hyperparameters(ignore=["backbone", "diffusion", "optimizer"])
@@ -72,6 +78,32 @@ class DiffusionModule(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         loss = self._fixed_noise_loss(batch[0], batch_idx)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch[0].shape[0])
+        if self._bpd_due(batch_idx):
+            generator = torch.Generator().manual_seed(batch_idx)
+            num_levels = self.trainer.datamodule.num_levels
+            bpd = self.diffusion.nll_bpd(self.backbone, batch[0], num_levels, generator)
+            self.log(
+                "val/bpd",
+                bpd["total_bpd"].mean().float(),
+                sync_dist=True,
+                batch_size=batch[0].shape[0],
+            )
+
+    def _bpd_due(self, batch_idx: int) -> bool:
+        """Whether this validation batch also measures the full bound (`val/bpd`): on the first
+        `val_bpd_batches` batches of every `val_bpd_every`-th validation, for quantised data."""
+        every = self.hparams.val_bpd_every
+        return (
+            every > 0
+            and not self.trainer.sanity_checking
+            and self.num_validations % every == 0
+            and batch_idx < self.hparams.val_bpd_batches
+            and getattr(self.trainer.datamodule, "num_levels", None) is not None
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.num_validations += 1
 
     def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         loss = self._fixed_noise_loss(batch[0], batch_idx)
