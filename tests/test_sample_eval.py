@@ -166,3 +166,39 @@ def test_sliced_wasserstein_of_a_shift() -> None:
         1 / math.sqrt(2), rel=0.03
     )
     assert sliced_wasserstein(x, x) == 0.0
+
+
+def random_inception_weights(path: Path) -> Path:
+    """A weights file in torch-fidelity's format with random values: the real file cannot be
+    downloaded here, and the wiring (image range, channels, splits, metrics) is what is tested."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    original = torch.nn.Module.load_state_dict
+    torch.save({}, path)
+    try:
+        torch.nn.Module.load_state_dict = lambda self, state, *a, **k: None  # keep random init
+        network = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
+        )
+    finally:
+        torch.nn.Module.load_state_dict = original
+    torch.save(network.state_dict(), path)
+    return path
+
+
+def test_fid_and_kid_from_a_local_weights_file(digits_ckpt: Path, compose_cfg, tmp_path) -> None:
+    weights = random_inception_weights(tmp_path / "inception.pth")
+    overrides = [
+        f"ckpt_path={digits_ckpt}",
+        "logger=none",
+        "bpd=false",
+        "batch_size=16",
+        f"fid.weights_path={weights}",
+        "fid.num_samples=16",
+        "fid.reference_split=val",
+        "fid.num_reference=20",
+    ]
+    cfg = compose_cfg(overrides, config_name="eval")
+    fid = evaluate(cfg, Path(cfg.paths.output_dir))["fid"]
+    assert math.isfinite(fid["fid"]) and fid["fid"] >= 0 and math.isfinite(fid["kid_mean"])
+    assert (fid["reference_split"], fid["num_samples"], fid["num_reference"]) == ("val", 16, 20)

@@ -145,20 +145,28 @@ def fid_kid(trained: Trained, cfg: DictConfig, device: str) -> dict[str, Any] | 
             "(torch-fidelity's pt_inception-2015-12-05) or set fid.weights_path=<file>."
         )
         return None
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    options = {"normalize": True, "feature_extractor_weights_path": str(weights)}
-    fid = FrechetInceptionDistance(feature=2048, **options).to(device)
-    kid = KernelInceptionDistance(subset_size=min(1000, cfg.fid.num_samples), **options).to(device)
+    inception = NoTrainInceptionV3(
+        name="inception-v3-compat",
+        features_list=["2048"],
+        feature_extractor_weights_path=str(weights),
+    )
+    # One network for both; with it given as a module, the metrics take uint8 images.
+    fid = FrechetInceptionDistance(feature=inception).to(device)
+    kid = KernelInceptionDistance(feature=inception, subset_size=min(1000, cfg.fid.num_samples)).to(
+        device
+    )
 
     def add(images: torch.Tensor, real: bool) -> None:
-        images = ((images.clamp(-1, 1) + 1) / 2).expand(-1, 3, -1, -1)  # grey -> RGB
+        images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        images = images.expand(-1, 3, -1, -1)  # grey -> RGB
         for batch in images.split(cfg.batch_size):
             fid.update(batch.to(device), real=real)
             kid.update(batch.to(device), real=real)
 
-    reference = split_data(trained.datamodule(), cfg.fid.reference_split)
+    reference = split_data(trained.datamodule(), cfg.fid.reference_split)[: cfg.fid.num_reference]
     add(reference, real=True)
     samples, _ = generate(
         trained,
