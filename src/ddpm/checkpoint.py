@@ -60,6 +60,25 @@ def read_checkpoint(ckpt_path: object) -> dict[str, Any]:
     return checkpoint
 
 
+def load_trained_for(cfg: Any) -> Trained:
+    """`load_trained` with the keys that sample.yaml and eval.yaml share."""
+    return load_trained(
+        cfg.ckpt_path,
+        cfg.use_ema,
+        cfg.variance,
+        cfg.schedule,
+        cfg.timesteps,
+        cfg.allow_schedule_change,
+    )
+
+
+def pick_device(name: str) -> str:
+    """`auto` is cuda when a GPU is visible, else cpu."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def load_trained(
     ckpt_path: object,
     use_ema: bool = True,

@@ -162,9 +162,19 @@ class GaussianDiffusion(nn.Module):
         clip_denoised: bool = False,
     ) -> torch.Tensor:
         """Algorithm 2, line 4: x_{t-1} = mu_theta + sigma_t z, with no noise where t == 0."""
-        mean, _, log_variance, _ = self.p_mean_variance(eps, x_t, t, clip_denoised)
-        nonzero = (t != 0).to(x_t.dtype).reshape(t.shape[0], *((1,) * (x_t.ndim - 1)))
-        return mean + nonzero * torch.exp(0.5 * log_variance) * noise
+        return self._p_step(eps, x_t, t, noise, clip_denoised)[0]
+
+    def _p_step(
+        self,
+        eps: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        clip_denoised: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`p_sample` and the predicted x_0 it used."""
+        mean, _, log_variance, pred_x0 = self.p_mean_variance(eps, x_t, t, clip_denoised)
+        return mean + _nonzero(t, x_t) * torch.exp(0.5 * log_variance) * noise, pred_x0
 
     def ddim_sample(
         self,
@@ -180,6 +190,18 @@ class GaussianDiffusion(nn.Module):
         sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev); eta = 1
         is the ancestral step with sigma_t^2 = beta_tilde_t, eta = 0 is deterministic.
         """
+        return self._ddim_step(eps, x_t, t, noise, eta, clip_denoised)[0]
+
+    def _ddim_step(
+        self,
+        eps: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        eta: float,
+        clip_denoised: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`ddim_sample` and the predicted x_0 it used."""
         pred_x0 = self.predict_x0_from_eps(x_t, t, eps)
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
@@ -191,8 +213,7 @@ class GaussianDiffusion(nn.Module):
         abar_prev = self._extract(self.alphas_cumprod_prev, t, x_t)
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
         mean = abar_prev.sqrt() * pred_x0 + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps
-        nonzero = (t != 0).to(x_t.dtype).reshape(t.shape[0], *((1,) * (x_t.ndim - 1)))
-        return mean + nonzero * sigma * noise
+        return mean + _nonzero(t, x_t) * sigma * noise, pred_x0
 
     @torch.no_grad()
     def sample_steps(
@@ -226,11 +247,9 @@ class GaussianDiffusion(nn.Module):
             t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
             eps = model(x, self.timestep_map[t])
             if eta is None:
-                mean, _, log_variance, pred_x0 = self.p_mean_variance(eps, x, t, clip_denoised)
-                x = mean + (i != 0) * torch.exp(0.5 * log_variance) * randn()
+                x, pred_x0 = self._p_step(eps, x, t, randn(), clip_denoised)
             else:
-                pred_x0 = self.predict_x0_from_eps(x, t, eps)
-                x = self.ddim_sample(eps, x, t, randn(), eta, clip_denoised)
+                x, pred_x0 = self._ddim_step(eps, x, t, randn(), eta, clip_denoised)
             yield i, x, pred_x0
 
     def sample_loop(
@@ -349,6 +368,11 @@ class GaussianDiffusion(nn.Module):
         prior = self.prior_bpd(x0).double()
         total = terms_bpd.sum(dim=1) + prior
         return {"total_bpd": total, "prior_bpd": prior, "terms_bpd": terms_bpd}
+
+
+def _nonzero(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """1 where t > 0 and 0 where t == 0 (the last step adds no noise), shaped to broadcast."""
+    return (t != 0).to(x.dtype).reshape(t.shape[0], *((1,) * (x.ndim - 1)))
 
 
 def _last_x(steps: Iterator[tuple[int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from ddpm.checkpoint import Trained, load_trained
+from ddpm.checkpoint import Trained, load_trained_for, pick_device
 from ddpm.cli import CONF_DIR, user_errors
 from ddpm.data.toy2d import make_toy2d
 from ddpm.loggers import finish_wandb
@@ -213,17 +213,8 @@ def write_terms(terms_bpd: list[float], output_dir: Path) -> None:
 def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Compute the configured metrics, write them to `output_dir` and the loggers, print them."""
     started = time.perf_counter()
-    trained = load_trained(
-        cfg.ckpt_path,
-        cfg.use_ema,
-        cfg.variance,
-        cfg.schedule,
-        cfg.timesteps,
-        cfg.allow_schedule_change,
-    )
-    device = (
-        cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    trained = load_trained_for(cfg)
+    device = pick_device(cfg.device)
     datamodule = trained.datamodule()
     data = split_data(datamodule, cfg.split)
     if cfg.fid.enabled:

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from ddpm.callbacks import image_grid, scatter_plot
-from ddpm.checkpoint import Trained, load_trained
+from ddpm.checkpoint import Trained, load_trained_for, pick_device
 from ddpm.cli import CONF_DIR, user_errors
 from ddpm.diffusion import GaussianDiffusion
 
@@ -118,20 +118,11 @@ def trajectory_figure(trajectory: list[tuple[int, torch.Tensor, torch.Tensor]]) 
 
 def sample(cfg: DictConfig, output_dir: Path) -> Path:
     """Load, sample and write samples.png, samples.npz (and trajectory.png) to `output_dir`."""
-    trained = load_trained(
-        cfg.ckpt_path,
-        cfg.use_ema,
-        cfg.variance,
-        cfg.schedule,
-        cfg.timesteps,
-        cfg.allow_schedule_change,
-    )
+    trained = load_trained_for(cfg)
     clip = cfg.clip_denoised
     if clip is None:
         clip = trained.run_config["model"].get("clip_denoised", True)
-    device = (
-        cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    device = pick_device(cfg.device)
     samples, trajectory = generate(
         trained,
         cfg.num_samples,
