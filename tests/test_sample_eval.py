@@ -36,6 +36,7 @@ def test_sample_cli_writes_grid_npz_and_trajectory(digits_ckpt: Path, tmp_path: 
         "sampler=ddim",
         "steps=10",
         "trajectory=true",
+        "variance=tilde_beta",
         "num_samples=6",
         "batch_size=4",
         f"paths.log_dir={tmp_path}",
@@ -48,6 +49,7 @@ def test_sample_cli_writes_grid_npz_and_trajectory(digits_ckpt: Path, tmp_path: 
     assert npz["samples"].dtype == np.uint8 and npz["samples"].shape == (6, 8, 8, 1)
     assert npz["samples"].max() <= 16 and int(npz["num_levels"]) == 17
     assert "sampling" in result.stderr  # the progress bar
+    assert "variance: tilde_beta" in (out / ".hydra" / "config.yaml").read_text()
 
 
 def test_eval_cli_writes_the_bound_and_skips_fid_in_one_line(digits_ckpt, tmp_path) -> None:

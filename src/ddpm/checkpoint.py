@@ -60,13 +60,38 @@ def read_checkpoint(ckpt_path: object) -> dict[str, Any]:
     return checkpoint
 
 
+def check_same_model(run_config: dict[str, Any], checkpoint: dict[str, Any], path: object) -> None:
+    """Refuse to resume when the diffusion (schedule, T, variance) or the backbone differ from
+    the checkpoint's, naming the first key that differs and both values."""
+    trained = checkpoint["hyper_parameters"]["run_config"]
+    for group in ("diffusion", "backbone"):
+        ours, theirs = _leaves(run_config[group], group), _leaves(trained[group], group)
+        for key in sorted(set(ours) | set(theirs)):
+            if ours.get(key) != theirs.get(key):
+                raise ValueError(
+                    f"{key}={ours.get(key)!r} differs from {theirs.get(key)!r} in "
+                    f"ckpt_path={path}: resuming needs the same schedule, T, variance and backbone."
+                )
+
+
+def _leaves(node: Any, prefix: str) -> dict[str, Any]:
+    """{'a.b.c': value} for the leaves of nested dicts."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    leaves: dict[str, Any] = {}
+    for key, value in node.items():
+        leaves.update(_leaves(value, f"{prefix}.{key}"))
+    return leaves
+
+
 def load_trained_for(cfg: Any) -> Trained:
     """`load_trained` with the keys that sample.yaml and eval.yaml share."""
+    schedule = cfg.schedule.name if cfg.get("schedule") else None
     return load_trained(
         cfg.ckpt_path,
         cfg.use_ema,
-        cfg.variance,
-        cfg.schedule,
+        cfg.diffusion.variance,
+        schedule,
         cfg.timesteps,
         cfg.allow_schedule_change,
     )

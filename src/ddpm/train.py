@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
 
+from ddpm.checkpoint import check_same_model, read_checkpoint
 from ddpm.cli import user_errors
 from ddpm.loggers import finish_wandb
 from ddpm.module import DiffusionModule
@@ -64,6 +65,8 @@ def build(cfg: DictConfig) -> Run:
             "must match the data's."
         )
     run_config = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.get("ckpt_path"):
+        check_same_model(run_config, read_checkpoint(cfg.ckpt_path), cfg.ckpt_path)
     make_module = instantiate(cfg.model, _partial_=True)  # run_config must not be instantiated
     module = make_module(backbone=backbone, diffusion=diffusion, run_config=run_config)
     trainer = instantiate(
