@@ -124,6 +124,32 @@ def test_short_training_run_checkpoints_and_samples(compose_cfg, tmp_path: Path)
     assert samples.shape == (3, 1, 8, 8) and samples.abs().max() <= 1
 
 
+def test_a_failed_save_leaves_the_previous_last_checkpoint_readable(compose_cfg, tmp_path) -> None:
+    """A fault in the middle of writing (the disk fills, the job is killed) must not corrupt
+    last.ckpt: Lightning writes through an fsspec transaction (a temporary file, then a move)."""
+    from fsspec.implementations.local import LocalFileOpener
+
+    run = build(compose_cfg([*FAST, "logger=none"]))
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    original = LocalFileOpener.write
+
+    def half_then_fail(self, data):
+        original(self, data[: len(data) // 2])
+        raise OSError("No space left on device")
+
+    LocalFileOpener.write = half_then_fail
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            run.trainer.save_checkpoint(last)
+    finally:
+        LocalFileOpener.write = original
+    assert last.read_bytes() == before
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best-step=0000004.ckpt", "last.ckpt"]
+
+
 def test_val_bpd_is_logged_when_asked(compose_cfg) -> None:
     cfg = compose_cfg([*FAST, "logger=none", "model.val_bpd_every=2", "callbacks.samples=null"])
     run = build(cfg)
