@@ -19,7 +19,7 @@ def test_train_leaves_one_run_folder(tmp_path: Path) -> None:
     run = only(list((tmp_path / "train" / "linear-beta").iterdir()))
     assert (run / ".hydra" / "config.yaml").is_file()
     assert (run / "checkpoints" / "last.ckpt").is_file()
-    assert only(list((run / "checkpoints").glob("best-step=*.ckpt")))
+    assert only(list((run / "checkpoints").glob("best-step-*.ckpt")))
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == [
         "step_0000002.png",
         "step_0000004.png",

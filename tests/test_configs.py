@@ -147,7 +147,7 @@ def test_a_failed_save_leaves_the_previous_last_checkpoint_readable(compose_cfg,
         LocalFileOpener.write = original
     assert last.read_bytes() == before
     assert torch.load(last, weights_only=True)["global_step"] == 4
-    assert sorted(p.name for p in last.parent.iterdir()) == ["best-step=0000004.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best-step-0000004.ckpt", "last.ckpt"]
 
 
 def test_val_bpd_is_logged_when_asked(compose_cfg) -> None:

@@ -98,3 +98,39 @@ class SampleGrid(pl.Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(self.dirpath / f"step_{step:07d}.png")
         log_image(trainer, "samples", image)
+
+
+class RandomState(pl.Callback):
+    """Keeps the global torch random state (and CUDA's) in checkpoints and puts it back just
+    before the first training step after a resume, so that the t and noise of every step are
+    those of the uninterrupted run. Lightning restores weights, EMA, optimizer, loops and a
+    stateful loader's position, but not this state.
+
+    With DDP the checkpoint holds rank 0's state, which every rank gets back.
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[str, Any] | None = None
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint["rng_state"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self.pending = checkpoint.get("rng_state")
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.pending is None:
+            return
+        torch.set_rng_state(self.pending["torch"])
+        if self.pending["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(self.pending["cuda"])
+        self.pending = None

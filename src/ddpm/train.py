@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,6 +27,7 @@ class Run:
     datamodule: pl.LightningDataModule
     module: DiffusionModule
     trainer: pl.Trainer
+    ckpt_path: str | None = None
 
 
 def _instantiate_all(node: DictConfig | None) -> list[Any]:
@@ -65,8 +67,9 @@ def build(cfg: DictConfig) -> Run:
             "must match the data's."
         )
     run_config = OmegaConf.to_container(cfg, resolve=True)
-    if cfg.get("ckpt_path"):
-        check_same_model(run_config, read_checkpoint(cfg.ckpt_path), cfg.ckpt_path)
+    ckpt_path = resume_path(cfg)
+    if ckpt_path:
+        check_same_model(run_config, read_checkpoint(ckpt_path), ckpt_path)
     make_module = instantiate(cfg.model, _partial_=True)  # run_config must not be instantiated
     module = make_module(backbone=backbone, diffusion=diffusion, run_config=run_config)
     trainer = instantiate(
@@ -77,7 +80,21 @@ def build(cfg: DictConfig) -> Run:
     datamodule.per_device_batch_size(trainer.world_size)
     num_params = sum(p.numel() for p in backbone.parameters())
     log.info(f"backbone {_choice('backbone')}: {num_params:,} parameters ({num_params / 1e6:.1f}M)")
-    return Run(datamodule, module, trainer)
+    return Run(datamodule, module, trainer, ckpt_path)
+
+
+def resume_path(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from: `ckpt_path`, or with `ckpt_path=auto` the run folder's
+    checkpoints/last.ckpt when there is one (None: start afresh)."""
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path != "auto":
+        return ckpt_path
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        log.info(f"ckpt_path=auto: resuming from {last}")
+        return str(last)
+    log.info("ckpt_path=auto: no checkpoints/last.ckpt in the run folder yet, starting afresh")
+    return None
 
 
 def _choice(group: str) -> str:
@@ -94,7 +111,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with user_errors():  # configuration errors end here, in one sentence, before training
         run = build(cfg)
     try:
-        run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
+        run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path)
     finally:
         finish_wandb(run.trainer.loggers)
     metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items()}

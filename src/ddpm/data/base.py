@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 
 class TensorDataModule(pl.LightningDataModule):
@@ -45,11 +46,22 @@ class TensorDataModule(pl.LightningDataModule):
         return self.batch_size // world_size
 
     def _loader(self, data: torch.Tensor, train: bool) -> DataLoader:
+        """A torchdata StatefulDataLoader: Lightning saves how far it got in every checkpoint, so
+        a resumed run sees the same batches as an uninterrupted one. Training batches are
+        shuffled by a permutation that depends only on the run's seed and the epoch (torch's
+        DistributedSampler, whose epoch Lightning sets; with DDP Lightning puts its own in), so
+        the order survives a resume and the global random state is left to the training step."""
+        dataset = TensorDataset(data)
         world_size = self.trainer.world_size if self.trainer is not None else 1
-        return DataLoader(
-            TensorDataset(data),
+        sampler = None
+        if train and world_size == 1:
+            seed = torch.initial_seed() % 2**63
+            sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
+        return StatefulDataLoader(
+            dataset,
             batch_size=self.per_device_batch_size(world_size),
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

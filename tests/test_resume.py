@@ -1,0 +1,75 @@
+"""Kill a training run with SIGKILL after a checkpoint, rerun it with ckpt_path=auto, and get the
+per-step losses of the uninterrupted run, to the bit (CPU)."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from conftest import ROOT
+
+COMMON = [
+    "timesteps=50",
+    "trainer.max_steps=30",
+    "trainer.val_check_interval=5",
+    "trainer.log_every_n_steps=1",
+    "trainer.limit_val_batches=1",
+    "trainer.num_sanity_val_steps=0",
+    "+trainer.enable_progress_bar=false",
+    "callbacks.samples=null",
+    "callbacks.progress_bar=null",
+    "data.batch_size=64",
+]
+
+
+def command(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), *COMMON, f"hydra.run.dir={run_dir}", *extra]
+
+
+def losses(run_dir: Path) -> dict[int, str]:
+    """train/loss per step as written (the last row wins where a step was logged twice)."""
+    rows = csv.DictReader((run_dir / "csv" / "metrics.csv").open())
+    return {int(r["step"]): r["train/loss"] for r in rows if r.get("train/loss")}
+
+
+def test_sigkill_then_auto_resume_reproduces_the_losses(tmp_path: Path) -> None:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    full = tmp_path / "full"
+    subprocess.run(command(full), check=True, capture_output=True, env=env, timeout=300)
+
+    killed = tmp_path / "killed"
+    last = killed / "checkpoints" / "last.ckpt"
+    process = subprocess.Popen(
+        command(killed, "ckpt_path=auto"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if last.is_file() and torch.load(last, weights_only=True)["global_step"] >= 10:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    resumed_from = torch.load(last, weights_only=True)["global_step"]
+    assert 10 <= resumed_from < 30
+
+    result = subprocess.run(
+        command(killed, "ckpt_path=auto"), capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ckpt_path=auto: resuming from" in result.stdout + result.stderr
+    expected, got = losses(full), losses(killed)
+    after = [s for s in sorted(expected) if s >= resumed_from]
+    assert after and len(after) >= 30 - resumed_from - 1
+    print("step  uninterrupted  killed+resumed")
+    for step in after:
+        print(f"{step:4d}  {expected[step]}  {got.get(step)}")
+    assert [got.get(s) for s in after] == [expected[s] for s in after]
+    assert torch.load(last, weights_only=True)["global_step"] == 30
