@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -13,7 +14,16 @@ from torch import nn
 
 from ddpm.diffusion import GaussianDiffusion
 
+log = logging.getLogger(__name__)
+
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+NAN_POLICIES = ("stop", "skip")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message says where."""
 
 
 def linear_warmup(warmup_steps: int, step: int) -> float:
@@ -37,6 +47,7 @@ class DiffusionModule(pl.LightningModule):
         clip_denoised: bool = True,
         val_bpd_every: int = 0,
         val_bpd_batches: int = 1,
+        on_nan: str = "stop",
         run_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -47,7 +58,10 @@ class DiffusionModule(pl.LightningModule):
         for key, value in (("val_bpd_every", val_bpd_every), ("val_bpd_batches", val_bpd_batches)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"model.{key}={value!r} is invalid: it must be an integer >= 0.")
+        if on_nan not in NAN_POLICIES:
+            raise ValueError(f"model.on_nan={on_nan!r} is unknown: allowed are 'stop' and 'skip'.")
         self.num_validations = 0  # completed validations, for val_bpd_every
+        self.skipped_batches = 0  # batches skipped for a non-finite loss (on_nan=skip)
         # `run_config` is the run's resolved config (plain containers): it goes into every
         # checkpoint and to the loggers as the run's config.
         self.save_hyperparameters(ignore=["backbone", "diffusion", "optimizer"])
@@ -59,8 +73,26 @@ class DiffusionModule(pl.LightningModule):
         """eps_theta(x_t, t)."""
         return self.backbone(x, t)
 
-    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion.training_loss(self.backbone, batch[0]).mean()
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor | None:
+        x0 = batch[0]
+        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
+        losses = self.diffusion.training_loss(self.backbone, x0, t)
+        loss = losses.mean()
+        if not torch.isfinite(loss):
+            bad = t[~torch.isfinite(losses)]
+            where = (
+                f"train/loss is {loss.item()} at step {self.global_step} (t from "
+                f"{int(bad.min()) + 1} to {int(bad.max()) + 1} of {self.diffusion.num_timesteps})"
+            )
+            if self.hparams.on_nan == "stop":
+                raise NonFiniteLossError(
+                    f"{where}; stopped, and the last checkpoint is the last good one "
+                    "(model.on_nan=skip skips such batches instead)."
+                )
+            self.skipped_batches += 1
+            log.warning(f"{where}: batch skipped ({self.skipped_batches} so far).")
+            self.log("train/skipped_batches", float(self.skipped_batches))
+            return None
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from omegaconf.errors import InterpolationKeyError
 from ddpm.checkpoint import check_same_model, read_checkpoint
 from ddpm.cli import user_errors
 from ddpm.loggers import finish_wandb
-from ddpm.module import DiffusionModule
+from ddpm.module import DiffusionModule, NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,11 @@ def build(cfg: DictConfig) -> Run:
         logger=_instantiate_all(cfg.get("logger")) or False,
     )
     datamodule.per_device_batch_size(trainer.world_size)
+    if module.hparams.on_nan == "skip" and trainer.world_size > 1:
+        raise ValueError(
+            "model.on_nan=skip works in one process only (a skipped step on one rank would stall "
+            f"the others); with {trainer.world_size} processes use model.on_nan=stop."
+        )
     num_params = sum(p.numel() for p in backbone.parameters())
     log.info(f"backbone {_choice('backbone')}: {num_params:,} parameters ({num_params / 1e6:.1f}M)")
     return Run(datamodule, module, trainer, ckpt_path)
@@ -112,6 +118,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         run = build(cfg)
     try:
         run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path)
+    except NonFiniteLossError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        sys.exit(1)
     finally:
         finish_wandb(run.trainer.loggers)
     metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items()}
