@@ -124,6 +124,34 @@ def test_short_training_run_checkpoints_and_samples(compose_cfg, tmp_path: Path)
     assert samples.shape == (3, 1, 8, 8) and samples.abs().max() <= 1
 
 
+def test_checkpoints_every_n_steps_between_validations(compose_cfg, tmp_path: Path) -> None:
+    overrides = [
+        *FAST,
+        "logger=none",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=100",
+        "callbacks.periodic_checkpoint.every_n_train_steps=2",
+    ]
+    run = build(compose_cfg(overrides))
+    saved_at = []
+    original = run.trainer.save_checkpoint
+
+    def recording(path, *args, **kwargs):
+        saved_at.append((Path(path).name, run.trainer.global_step))
+        return original(path, *args, **kwargs)
+
+    run.trainer.save_checkpoint = recording
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    # Every 2 steps, and at the end; no validation ran, so there is no best checkpoint.
+    assert saved_at == [("last.ckpt", 2), ("last.ckpt", 3)]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 3
+    # Saved after fit copied the EMA weights into the module: the raw weights are still there.
+    name = "backbone.conv_in.weight"
+    assert not torch.equal(checkpoint["state_dict"][name], checkpoint["current_model_state"][name])
+
+
 def test_a_failed_save_leaves_the_previous_last_checkpoint_readable(compose_cfg, tmp_path) -> None:
     """A fault in the middle of writing (the disk fills, the job is killed) must not corrupt
     last.ckpt: Lightning writes through an fsspec transaction (a temporary file, then a move)."""

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 from torchvision.utils import make_grid
@@ -134,3 +135,28 @@ class RandomState(pl.Callback):
         if self.pending["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(self.pending["cuda"])
         self.pending = None
+
+
+class EMA(EMAWeightAveraging):
+    """Lightning's EMAWeightAveraging, keeping the raw weights in checkpoints saved after training.
+
+    At the end of fit, EMAWeightAveraging copies the EMA weights into the module; a checkpoint
+    saved after that (ModelCheckpoint's end-of-training `last.ckpt`, which runs after every other
+    callback) would then hold the EMA weights as the raw ones too, and a run continued from it
+    would lose its raw weights. This keeps a copy of the raw weights for such checkpoints.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.raw_state: dict[str, torch.Tensor] | None = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.raw_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self.raw_state is not None:
+            checkpoint["current_model_state"] = self.raw_state
