@@ -63,3 +63,22 @@ def test_bad_nan_policy(compose_cfg, capsys) -> None:
     assert (
         "model.on_nan='ignore' is unknown: allowed are 'stop' and 'skip'" in capsys.readouterr().err
     )
+
+
+def test_a_failing_logger_is_reported_once_and_training_goes_on(compose_cfg, monkeypatch) -> None:
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    calls = []
+
+    def full_disk(self, *args, **kwargs):
+        calls.append(1)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ExperimentWriter, "log_metrics", full_disk)
+    run = build(compose_cfg([*FAST, "logger=csv"]))
+    with pytest.warns(
+        UserWarning, match=r"logger CSVLogger failed in log_metrics .*No space left"
+    ) as w:
+        run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert run.trainer.global_step == 4 and len(calls) > 1
+    assert sum("logger CSVLogger failed" in str(m.message) for m in w) == 1

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ddpm.checkpoint import Trained, load_trained_for, pick_device
 from ddpm.cli import CONF_DIR, user_errors
 from ddpm.data.toy2d import make_toy2d
-from ddpm.loggers import finish_wandb
+from ddpm.loggers import finish_wandb, guard_logger
 from ddpm.sample import generate
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     flat = _flatten(metrics)
-    loggers = [instantiate(v) for v in (cfg.get("logger") or {}).values() if v is not None]
+    loggers = [guard_logger(instantiate(v)) for v in (cfg.get("logger") or {}).values() if v]
     for logger in loggers:
         logger.log_metrics({f"eval/{k}": v for k, v in flat.items()})
         logger.save()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import netrc
 import os
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 
 def wandb_credentials_found() -> bool:
@@ -48,6 +49,38 @@ def wandb_logger(
             " (or set WANDB_MODE=online after `wandb login` to log live)."
         )
     return WandbLogger(save_dir=save_dir, offline=offline, group=group, **kwargs)
+
+
+GUARDED_METHODS = ("log_metrics", "log_hyperparams", "log_image", "save", "finalize")
+
+
+def guard_logger(logger: Any) -> Any:
+    """Make a logger's failures (wandb unreachable, a full disk under the log folder) warnings:
+    the first is reported with the logger and the error, later ones are dropped silently, and
+    training goes on. The logger keeps its class, so isinstance checks still work."""
+    reported = []
+
+    def guarded(name: str, method: Any) -> Any:
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except Exception as error:  # a logger must never end training
+                if not reported:
+                    reported.append(error)
+                    rank_zero_warn(
+                        f"logger {type(logger).__name__} failed in {name} ({type(error).__name__}: "
+                        f"{error}); training goes on, and its further failures are not reported."
+                    )
+                return None
+
+        return call
+
+    for name in GUARDED_METHODS:
+        method = getattr(logger, name, None)
+        if method is not None:
+            setattr(logger, name, guarded(name, method))
+    return logger
 
 
 def finish_wandb(loggers: list[Any]) -> None:

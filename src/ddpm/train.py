@@ -15,7 +15,7 @@ from omegaconf.errors import InterpolationKeyError
 
 from ddpm.checkpoint import check_same_model, read_checkpoint
 from ddpm.cli import user_errors
-from ddpm.loggers import finish_wandb
+from ddpm.loggers import finish_wandb, guard_logger
 from ddpm.module import DiffusionModule, NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def build(cfg: DictConfig) -> Run:
     trainer = instantiate(
         cfg.trainer,
         callbacks=_instantiate_all(cfg.get("callbacks")),
-        logger=_instantiate_all(cfg.get("logger")) or False,
+        logger=[guard_logger(lg) for lg in _instantiate_all(cfg.get("logger"))] or False,
     )
     datamodule.per_device_batch_size(trainer.world_size)
     if module.hparams.on_nan == "skip" and trainer.world_size > 1:
