@@ -147,3 +147,19 @@ def test_resume_with_another_model_names_both_values(compose_cfg, capsys, good_c
     )
     # The same model resumes (a checkpoint at step 4 of 4 has nothing left to do).
     assert torch.load(good_ckpt, weights_only=True)["global_step"] == 4
+
+
+def test_an_output_folder_that_cannot_be_created_is_one_line(tmp_path: Path) -> None:
+    """Checked by a Hydra callback before Hydra makes the run folder (as root, a file in the way
+    stands in for a folder without write permission)."""
+    from conftest import run_train
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    for mode in ([], ["-m"]):
+        result = run_train([*mode, f"paths.log_dir={blocker}/runs", *FAST], cwd=tmp_path)
+        assert result.returncode == 1
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("Error: paths.log_dir: the run folder ") and "is a file" in last
+        assert "Traceback" not in result.stderr
+    assert blocker.read_text() == "not a folder\n"

@@ -8,9 +8,11 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from hydra.errors import InstantiationException
-from omegaconf import OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -39,6 +41,40 @@ def user_error_message(error: BaseException) -> str | None:
     if isinstance(error, ValueError):
         return str(error)
     return None
+
+
+def check_writable_folder(folder: str | Path, key: str = "paths.log_dir") -> None:
+    """Raise a one-sentence ValueError when `folder` cannot be created or written to."""
+    path = Path(folder).absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(
+            f"{key}: the run folder {path} cannot be created because {existing} is a file; "
+            "choose a folder you can write to."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"{key}: the run folder {path} cannot be created because {existing} is not "
+            "writable; choose a folder you can write to."
+        )
+
+
+class CheckOutputFolder(Callback):
+    """A Hydra callback: refuse, in one line, a run or sweep folder that cannot be written,
+    before Hydra tries to create it (which would end in a traceback)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(config)  # run.dir reads ${hydra:runtime.choices...}
+        with user_errors():
+            check_writable_folder(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        with user_errors():
+            check_writable_folder(config.hydra.sweep.dir)
 
 
 @contextmanager
