@@ -185,6 +185,19 @@ def test_val_bpd_is_logged_when_asked(compose_cfg) -> None:
     # Validations at steps 2 and 4; the bound is measured at the first (every 2nd from 0).
     assert run.module.num_validations == 2
     assert 0.0 < float(run.trainer.callback_metrics["val/bpd"]) < 20.0
+    none = build(
+        compose_cfg(
+            [
+                *FAST,
+                "logger=none",
+                "model.val_bpd_every=2",
+                "model.val_bpd_batches=0",
+                "callbacks.samples=null",
+            ]
+        )
+    )
+    none.trainer.fit(none.module, datamodule=none.datamodule)
+    assert "val/bpd" not in none.trainer.callback_metrics
 
 
 def test_seed_makes_a_cpu_run_repeatable(compose_cfg) -> None:

@@ -14,7 +14,19 @@ from hydra.core.global_hydra import GlobalHydra
 
 from ddpm.checkpoint import load_trained
 from ddpm.evaluate import energy_distance, evaluate, sliced_wasserstein
+from ddpm.sample import sample
 from ddpm.train import build
+
+# A 4-step toy run (trained with model.clip_denoised=false, as experiment=toy2d sets).
+TOY_SHORT = [
+    "experiment=toy2d",
+    "timesteps=50",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "data.num_val=300",
+    "data.num_test=300",
+    "callbacks.samples.num_samples=4",
+]
 
 
 def train_checkpoint(compose_cfg, overrides: list[str]) -> Path:
@@ -121,18 +133,7 @@ def test_sample_cli_refuses_a_missing_checkpoint(tmp_path: Path) -> None:
 
 
 def test_toy2d_eval_reports_distances_beside_floor_and_baseline(compose_cfg) -> None:
-    ckpt = train_checkpoint(
-        compose_cfg,
-        [
-            "experiment=toy2d",
-            "timesteps=50",
-            "trainer.max_steps=4",
-            "trainer.val_check_interval=2",
-            "data.num_val=300",
-            "data.num_test=300",
-            "callbacks.samples.num_samples=4",
-        ],
-    )
+    ckpt = train_checkpoint(compose_cfg, TOY_SHORT)
     cfg = compose_cfg([f"ckpt_path={ckpt}", "logger=none"], config_name="eval")
     metrics = evaluate(cfg, Path(cfg.paths.output_dir))
     for name in ("energy_distance", "sliced_wasserstein"):
@@ -141,6 +142,27 @@ def test_toy2d_eval_reports_distances_beside_floor_and_baseline(compose_cfg) -> 
         # A 4-step model is poor, but the floor must be below the Gaussian baseline.
         assert 0 <= values["floor_two_held_out_draws"] < values["gaussian_baseline"]
     assert metrics["num_samples"] == 300 and "bpd" not in metrics
+
+
+def test_sample_seed_and_clip_denoised_follow_the_config(compose_cfg, tmp_path: Path) -> None:
+    ckpt = train_checkpoint(compose_cfg, TOY_SHORT)
+
+    def points(name: str, *overrides: str) -> np.ndarray:
+        base = [
+            f"ckpt_path={ckpt}",
+            "num_samples=300",
+            "batch_size=300",
+            "sampler=respaced",
+            "steps=10",
+        ]
+        cfg = compose_cfg([*base, *overrides], config_name="sample")
+        return np.load(sample(cfg, tmp_path / name) / "samples.npz")["samples"]
+
+    as_trained = points("a")  # clip_denoised=null: as trained, i.e. off for the toy data
+    assert np.abs(as_trained).max() > 1.0
+    assert np.abs(points("b", "clip_denoised=true")).max() <= 1.0
+    np.testing.assert_array_equal(points("c"), as_trained)
+    assert not np.array_equal(points("d", "seed=1"), as_trained)
 
 
 def test_energy_distance_of_shifted_gaussians_matches_closed_form() -> None:

@@ -43,7 +43,8 @@ def read_checkpoint(ckpt_path: object) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"ckpt_path={path} does not exist: pass the path of a .ckpt file.")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: the tensors are read only when used, so checking a large file costs little
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # truncated, foreign or hostile files all end here
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"ckpt_path={path} is not a readable checkpoint ({reason}).") from None

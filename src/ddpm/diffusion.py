@@ -293,6 +293,12 @@ class GaussianDiffusion(nn.Module):
         abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
         return GaussianDiffusion(1 - abar / abar_prev, self.variance, self.timestep_map.cpu()[kept])
 
+    def sample_timesteps(
+        self, n: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """n steps t ~ Uniform{0, ..., T-1}, as L_simple draws them (Algorithm 1, line 3)."""
+        return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
+
     def training_loss(
         self,
         model: Model,
@@ -302,7 +308,7 @@ class GaussianDiffusion(nn.Module):
     ) -> torch.Tensor:
         """Eq. 14, L_simple per example: the mean over dimensions of (eps - eps_theta)^2, [B]."""
         if t is None:
-            t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
+            t = self.sample_timesteps(x0.shape[0], x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
         eps = model(self.q_sample(x0, t, noise), self.timestep_map[t])

@@ -26,7 +26,7 @@ from ddpm.checkpoint import Trained, load_trained_for, pick_device
 from ddpm.cli import CONF_DIR, user_errors
 from ddpm.data.toy2d import make_toy2d
 from ddpm.loggers import finish_wandb, guard_logger
-from ddpm.sample import generate
+from ddpm.sample import check_sampling, generate
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,11 @@ def sliced_wasserstein(
     return ((qx - qy) ** 2).mean().sqrt().item()
 
 
-def toy_distances(trained: Trained, cfg: DictConfig, device: str) -> dict[str, Any]:
+def toy_distances(
+    trained: Trained, datamodule: Any, cfg: DictConfig, device: str
+) -> dict[str, Any]:
     """Model samples vs held-out data, beside two held-out draws (the floor) and a Gaussian fitted
     to the training data (a baseline the model must beat)."""
-    datamodule = trained.datamodule()
     held_out = split_data(datamodule, cfg.split)
     n = len(held_out)
     samples, _ = generate(
@@ -126,7 +127,9 @@ def toy_distances(trained: Trained, cfg: DictConfig, device: str) -> dict[str, A
     return result
 
 
-def fid_kid(trained: Trained, cfg: DictConfig, device: str) -> dict[str, Any] | None:
+def fid_kid(
+    trained: Trained, datamodule: Any, cfg: DictConfig, device: str
+) -> dict[str, Any] | None:
     """FID and KID (torchmetrics) of generated images against a reference split, or None, with
     one line saying why, when torch-fidelity or the Inception weights are missing."""
     weights = Path(
@@ -166,7 +169,7 @@ def fid_kid(trained: Trained, cfg: DictConfig, device: str) -> dict[str, Any] | 
             fid.update(batch.to(device), real=real)
             kid.update(batch.to(device), real=real)
 
-    reference = split_data(trained.datamodule(), cfg.fid.reference_split)[: cfg.fid.num_reference]
+    reference = split_data(datamodule, cfg.fid.reference_split)[: cfg.fid.num_reference]
     add(reference, real=True)
     samples, _ = generate(
         trained,
@@ -213,12 +216,17 @@ def write_terms(terms_bpd: list[float], output_dir: Path) -> None:
 def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Compute the configured metrics, write them to `output_dir` and the loggers, print them."""
     started = time.perf_counter()
-    trained = load_trained_for(cfg)
+    with user_errors():  # every check, before the long work
+        trained = load_trained_for(cfg)
+        datamodule = trained.datamodule()
+        data = split_data(datamodule, cfg.split)
+        if cfg.fid.enabled:
+            split_data(datamodule, cfg.fid.reference_split)
+        num_samples = cfg.fid.num_samples if len(datamodule.data_shape) == 3 else len(data)
+        check_sampling(
+            trained.diffusion, num_samples, cfg.batch_size, cfg.sampler, cfg.steps, cfg.eta
+        )
     device = pick_device(cfg.device)
-    datamodule = trained.datamodule()
-    data = split_data(datamodule, cfg.split)
-    if cfg.fid.enabled:
-        split_data(datamodule, cfg.fid.reference_split)  # checked before any long work
     if cfg.max_examples is not None:
         data = data[: cfg.max_examples]
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -233,9 +241,9 @@ def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         write_terms(bound.pop("terms_bpd"), output_dir)
         metrics.update(bound, num_examples=len(data), num_levels=datamodule.num_levels)
     if len(datamodule.data_shape) == 3 and cfg.fid.enabled:
-        metrics["fid"] = fid_kid(trained, cfg, device)
+        metrics["fid"] = fid_kid(trained, datamodule, cfg, device)
     if len(datamodule.data_shape) == 1:
-        metrics.update(toy_distances(trained, cfg, device))
+        metrics.update(toy_distances(trained, datamodule, cfg, device))
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     flat = _flatten(metrics)
@@ -261,8 +269,7 @@ def _flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    with user_errors():
-        evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))
+    evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ class DiffusionModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor | None:
         x0 = batch[0]
-        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
+        t = self.diffusion.sample_timesteps(x0.shape[0], x0.device)  # kept for the NaN report
         losses = self.diffusion.training_loss(self.backbone, x0, t)
         loss = losses.mean()
         if not torch.isfinite(loss):
@@ -101,9 +101,7 @@ class DiffusionModule(pl.LightningModule):
         evaluations at different steps compare the same terms."""
         seed = batch_idx * self.trainer.world_size + self.trainer.global_rank
         generator = torch.Generator(device=x0.device).manual_seed(seed)
-        t = torch.randint(
-            0, self.diffusion.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device
-        )
+        t = self.diffusion.sample_timesteps(x0.shape[0], x0.device, generator)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         return self.diffusion.training_loss(self.backbone, x0, t, noise).mean()
 

@@ -39,6 +39,21 @@ def sampling_chain(
     raise ValueError(f"sampler={sampler!r} is unknown: allowed are {', '.join(SAMPLERS)}.")
 
 
+def check_sampling(
+    diffusion: GaussianDiffusion,
+    num_samples: int,
+    batch_size: int,
+    sampler: str,
+    steps: int | None,
+    eta: float,
+) -> tuple[GaussianDiffusion, float | None]:
+    """Check the sampling settings (one-sentence ValueErrors) and return `sampling_chain`'s."""
+    for key, value in (("num_samples", num_samples), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key}={value!r} is invalid: it must be an integer >= 1.")
+    return sampling_chain(diffusion, sampler, steps, eta)
+
+
 def generate(
     trained: Trained,
     num_samples: int,
@@ -53,10 +68,9 @@ def generate(
 ) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]]:
     """`num_samples` samples in batches, and (t, x_t, predicted x_0) of the first batch's first
     few samples at `trajectory_points` times evenly spread along the chain."""
-    for key, value in (("num_samples", num_samples), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key}={value!r} is invalid: it must be an integer >= 1.")
-    chain, eta_or_none = sampling_chain(trained.diffusion, sampler, steps, eta)
+    chain, eta_or_none = check_sampling(
+        trained.diffusion, num_samples, batch_size, sampler, steps, eta
+    )
     backbone = trained.backbone.to(device)
     chain = chain.to(device)
     generator = torch.Generator().manual_seed(seed)
@@ -118,7 +132,11 @@ def trajectory_figure(trajectory: list[tuple[int, torch.Tensor, torch.Tensor]]) 
 
 def sample(cfg: DictConfig, output_dir: Path) -> Path:
     """Load, sample and write samples.png, samples.npz (and trajectory.png) to `output_dir`."""
-    trained = load_trained_for(cfg)
+    with user_errors():  # every check, before the long work
+        trained = load_trained_for(cfg)
+        check_sampling(
+            trained.diffusion, cfg.num_samples, cfg.batch_size, cfg.sampler, cfg.steps, cfg.eta
+        )
     clip = cfg.clip_denoised
     if clip is None:
         clip = trained.run_config["model"].get("clip_denoised", True)
@@ -154,8 +172,7 @@ def sample(cfg: DictConfig, output_dir: Path) -> Path:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
-    with user_errors():
-        sample(cfg, Path(HydraConfig.get().runtime.output_dir))
+    sample(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":
