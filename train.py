@@ -8,8 +8,8 @@ from ddpm.train import train
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns the final val/loss (what a sweeper would optimise)."""
-    return train(cfg).get("val/loss")
+    """Hydra entry point; returns the final `optimized_metric` (what a sweeper optimises)."""
+    return train(cfg).get(cfg.optimized_metric)
 
 
 if __name__ == "__main__":

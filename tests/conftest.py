@@ -23,21 +23,38 @@ FAST = ["experiment=smoke"]
 @pytest.fixture
 def compose_cfg(tmp_path: Path):
     """compose_cfg(overrides, config_name="train") -> the config, as inside a Hydra run in
-    tmp_path."""
+    tmp_path (`keep_hydra=True` keeps the `hydra` node in it)."""
 
-    def _compose(overrides: list[str], config_name: str = "train") -> DictConfig:
+    def _compose(
+        overrides: list[str], config_name: str = "train", keep_hydra: bool = False
+    ) -> DictConfig:
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(tmp_path)
         HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg.hydra
+        if not keep_hydra:
+            with open_dict(cfg):
+                del cfg.hydra
         return cfg
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def fake_data(tmp_path_factory, monkeypatch) -> Path:
+    """A folder with fake MNIST, Fashion-MNIST and CIFAR-10 files (torchvision's formats) and an
+    image folder `images/`; CIFAR-10's md5 check is switched off for the test."""
+    import torchvision
+    from fake_data import write_cifar10, write_image_folder, write_mnist
+
+    root = tmp_path_factory.mktemp("data")
+    write_mnist(root, "MNIST"), write_mnist(root, "FashionMNIST"), write_cifar10(root)
+    write_image_folder(root / "images")
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    return root
 
 
 def run_train(

@@ -40,6 +40,23 @@ TRAIN = [
         ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=3"],
         r"data.batch_size=128 is the global batch and must be divisible by the 3",
     ),
+    (
+        ["data=mnist", "paths.data_dir={previous}/none"],
+        r"data.root=.*none' lacks the mnist files .*train-images-idx3-ubyte.*data.download=true",
+    ),
+    (
+        ["data=cifar10", "backbone=unet_ddpm_cifar10", "paths.data_dir={previous}"],
+        r"data.root=.*previous' lacks the cifar10 files .*cifar-10-batches-py/data_batch_1",
+    ),
+    (["data=image_folder"], r"data.root: Missing mandatory value"),
+    (
+        ["data=image_folder", "data.root={previous}/none", "data.image_size=8"],
+        r"data.root=.*none' is not a folder: data=image_folder needs a folder of images",
+    ),
+    (
+        ["data=image_folder", "data.root={previous}/checkpoints", "data.image_size=8"],
+        r"data.root=.*checkpoints' holds 0 image\(s\): .* at least 3",
+    ),
     (["ckpt_path={previous}"], r"ckpt_path=.*previous is a folder; pass a checkpoint file"),
     (["ckpt_path={previous}/missing.ckpt"], r"missing.ckpt does not exist"),
     (["ckpt_path={previous}/checkpoints/last.ckpt"], r"last.ckpt is not a readable checkpoint"),

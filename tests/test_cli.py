@@ -20,7 +20,7 @@ def test_train_leaves_one_run_folder(tmp_path: Path) -> None:
     assert (run / ".hydra" / "config.yaml").is_file()
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert only(list((run / "checkpoints").glob("best-step-*.ckpt")))
-    assert sorted(p.name for p in (run / "samples").glob("*.png")) == [
+    assert sorted(p.name for p in (run / "samples").glob("step_*.png")) == [
         "step_0000002.png",
         "step_0000004.png",
     ]

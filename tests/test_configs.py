@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import CONF, FAST
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ddpm.backbones import MLP, UNet
@@ -23,7 +24,14 @@ def test_groups_have_the_documented_options() -> None:
     assert options("schedule") == ["cosine", "linear", "quadratic", "sigmoid"]
     assert options("variance") == ["beta", "tilde_beta"]
     assert options("backbone") == ["mlp", "unet", "unet_ddpm_cifar10"]
-    assert options("data") == ["digits", "toy2d"]
+    assert options("data") == [
+        "cifar10",
+        "digits",
+        "fashion_mnist",
+        "image_folder",
+        "mnist",
+        "toy2d",
+    ]
     assert options("logger") == ["csv", "none", "tensorboard", "wandb"]
     assert options("trainer") == ["cpu", "ddp", "default", "gpu"]
     assert {"digits", "toy2d"} <= set(options("experiment"))
@@ -58,10 +66,21 @@ def test_backbones_instantiate(compose_cfg, overrides: list[str], cls: type, sha
     assert isinstance(net, cls) and net.data_shape == shape
 
 
+def data_overrides(data: str, root: Path) -> list[str]:
+    """Point a data option at the fake files of the `fake_data` fixture."""
+    if data == "image_folder":
+        return [f"data.root={root / 'images'}"]
+    if data in ("mnist", "fashion_mnist", "cifar10"):
+        return [f"paths.data_dir={root}", "data.val_size=4"]
+    return []
+
+
 @pytest.mark.parametrize("data", options("data"))
-def test_data_instantiate(compose_cfg, data: str) -> None:
-    dm = instantiate(compose_cfg([f"data={data}"]).data)
-    assert isinstance(dm, pl.LightningDataModule) and len(dm.train_data) > 1000
+def test_data_instantiate(compose_cfg, fake_data: Path, data: str) -> None:
+    """Every data option builds, on fake files where it reads files."""
+    dm = instantiate(compose_cfg([f"data={data}", *data_overrides(data, fake_data)]).data)
+    assert isinstance(dm, pl.LightningDataModule) and len(dm.train_data) >= 10
+    assert tuple(dm.train_data.shape[1:]) == dm.data_shape
 
 
 @pytest.mark.parametrize("trainer", options("trainer"))
@@ -93,9 +112,42 @@ def test_loggers_instantiate(compose_cfg, logger: str, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
-def test_experiments_build(compose_cfg, experiment: str) -> None:
-    run = build(compose_cfg([f"experiment={experiment}", "logger=none"]))
+def test_experiments_build(compose_cfg, fake_data: Path, experiment: str) -> None:
+    """Every preset builds (on the CPU, with fake files where it reads files)."""
+    data = {"mnist": "mnist", "ddpm_cifar10": "cifar10", "ddpm_cifar10_cosine": "cifar10"}
+    overrides = ["logger=none", "trainer.accelerator=cpu", "trainer.devices=1"]
+    run = build(
+        compose_cfg(
+            [
+                f"experiment={experiment}",
+                *overrides,
+                *data_overrides(data.get(experiment, ""), fake_data),
+            ]
+        )
+    )
     assert tuple(run.module.backbone.data_shape) == run.datamodule.data_shape
+
+
+def test_ddpm_cifar10_is_the_papers_run(compose_cfg) -> None:
+    """Ho et al. (2020), sec. 4 and appendix B, constant by constant."""
+    cfg = compose_cfg(["experiment=ddpm_cifar10"])
+    assert cfg.timesteps == 1000 and cfg.schedule.name == "linear"
+    assert (cfg.schedule.beta_start, cfg.schedule.beta_end) == (1e-4, 0.02)
+    assert cfg.diffusion.variance == "beta"
+    assert cfg.data._target_.endswith("CIFAR10DataModule") and cfg.data.hflip is True
+    assert cfg.data.batch_size == 128 and cfg.data.val_size == 0
+    assert cfg.model.optimizer._target_ == "torch.optim.Adam" and cfg.model.optimizer.lr == 2e-4
+    assert cfg.model.warmup_steps == 5000
+    assert cfg.trainer.max_steps == 800_000 and cfg.trainer.gradient_clip_val == 1.0
+    assert cfg.callbacks.ema.decay == 0.9999
+    net = instantiate(cfg.backbone)
+    assert sum(p.numel() for p in net.parameters()) == 35_746_307
+    assert cfg.backbone.dropout == 0.1
+    cosine = compose_cfg(["experiment=ddpm_cifar10_cosine"])
+    assert cosine.schedule.name == "cosine"
+    assert OmegaConf.masked_copy(cosine, ["model", "trainer", "data"]) == OmegaConf.masked_copy(
+        cfg, ["model", "trainer", "data"]
+    )
 
 
 def test_short_training_run_checkpoints_and_samples(compose_cfg, tmp_path: Path) -> None:
@@ -106,6 +158,7 @@ def test_short_training_run_checkpoints_and_samples(compose_cfg, tmp_path: Path)
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
         "step_0000002.png",
         "step_0000004.png",
+        "trajectory_0000002.png",  # every 5th validation, from the first
     ]
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4
@@ -119,7 +172,9 @@ def test_short_training_run_checkpoints_and_samples(compose_cfg, tmp_path: Path)
     assert torch.equal(run.module.state_dict()[name], ema[name])
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
-    assert "samples" in events.Tags()["images"] and "train/loss" in events.Tags()["scalars"]
+    assert {"samples", "schedule", "trajectory"} <= set(events.Tags()["images"])
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/loss_q0", "train/loss_q3", "train/grad_norm"} <= scalars
     samples = run.module.sample(3, generator=torch.Generator().manual_seed(0))
     assert samples.shape == (3, 1, 8, 8) and samples.abs().max() <= 1
 

@@ -1,53 +1,22 @@
-"""Lightning callbacks: sample grids (images) or scatter plots (2-D data) at each validation."""
+"""Lightning callbacks: what a run shows (sample grids, trajectories, the schedule, images per
+second) and what it keeps for an exact resume (random state, raw weights beside the EMA)."""
 
 from __future__ import annotations
 
-import math
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from PIL import Image
-from torchvision.utils import make_grid
 
-
-def image_grid(samples: torch.Tensor, min_side: int = 32, nrow: int | None = None) -> np.ndarray:
-    """[N, C, H, W] in [-1, 1] -> a uint8 [H', W', 3] grid of `nrow` per row (default: square);
-    small images are upscaled with nearest-neighbour so that each is at least `min_side` wide."""
-    scale = max(1, math.ceil(min_side / samples.shape[-1]))
-    x = F.interpolate((samples.float().clamp(-1, 1) + 1) / 2, scale_factor=scale, mode="nearest")
-    nrow = nrow or math.ceil(math.sqrt(len(x)))
-    grid = make_grid(x, nrow=nrow, padding=scale, pad_value=0.5)
-    return (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
-
-
-def scatter_plot(samples: torch.Tensor, data: torch.Tensor, title: str = "") -> np.ndarray:
-    """A uint8 [H, W, 3] scatter plot of 2-D samples over the data."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    samples, data = samples.float().cpu().numpy(), data.float().cpu().numpy()
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
-    ax.scatter(data[:, 0], data[:, 1], s=3, c="0.75", label="data", linewidths=0)
-    ax.scatter(samples[:, 0], samples[:, 1], s=3, c="tab:orange", label="samples", linewidths=0)
-    low, high = data.min(0), data.max(0)
-    pad = 0.1 * (high - low)
-    ax.set(xlim=(low[0] - pad[0], high[0] + pad[0]), ylim=(low[1] - pad[1], high[1] + pad[1]))
-    ax.set_aspect("equal")
-    ax.set_title(title)
-    ax.legend(loc="upper right", markerscale=4)
-    fig.tight_layout()
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return image
+from ddpm.figures import image_grid, scatter_plot, schedule_figure, trajectory_figure
+from ddpm.sample import run_chain
 
 
 def log_image(trainer: pl.Trainer, key: str, image: np.ndarray) -> None:
@@ -59,23 +28,40 @@ def log_image(trainer: pl.Trainer, key: str, image: np.ndarray) -> None:
             logger.experiment.add_image(key, image, trainer.global_step, dataformats="HWC")
 
 
+def save_and_log(trainer: pl.Trainer, path: Path, key: str, image: np.ndarray) -> None:
+    """Write `image` to `path` (a PNG) and send it to the loggers that take images."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    log_image(trainer, key, image)
+
+
 class SampleGrid(pl.Callback):
-    """At each validation, sample with a fixed seed and save `dirpath/step_XXXXXXX.png`.
+    """At each validation, sample with a fixed seed and save `dirpath/step_XXXXXXX.png`; at every
+    `trajectory_every`-th validation also the denoising trajectory (x_t and the predicted x_0 at
+    10 times along the chain) as `dirpath/trajectory_XXXXXXX.png` (0: never).
 
     Sampling happens at the first validation batch: by then Lightning's EMAWeightAveraging has
     swapped the EMA weights in (at validation epoch start), whatever the order of the callbacks.
     Only global rank 0 samples and writes.
     """
 
-    def __init__(self, dirpath: str, num_samples: int = 64, seed: int = 0) -> None:
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(
-                f"callbacks.samples.num_samples={num_samples!r} is invalid: "
-                "it must be an integer >= 1."
-            )
+    def __init__(
+        self, dirpath: str, num_samples: int = 64, seed: int = 0, trajectory_every: int = 0
+    ) -> None:
+        for key, value, minimum in (
+            ("num_samples", num_samples, 1),
+            ("trajectory_every", trajectory_every, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(
+                    f"callbacks.samples.{key}={value!r} is invalid: "
+                    f"it must be an integer >= {minimum}."
+                )
         self.dirpath = Path(dirpath)
         self.num_samples = num_samples
         self.seed = seed
+        self.trajectory_every = trajectory_every
+        self.validations = 0
 
     def on_validation_batch_start(
         self,
@@ -87,27 +73,97 @@ class SampleGrid(pl.Callback):
     ) -> None:
         if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking:
             return
+        self.validations += 1
         if not trainer.is_global_zero:
             return
-        generator = torch.Generator().manual_seed(self.seed)
-        samples = pl_module.sample(self.num_samples, generator=generator)
+        every = self.trajectory_every
+        points = 10 if every and (self.validations - 1) % every == 0 else 0
+        backbone, was_training = pl_module.backbone, pl_module.backbone.training
+        backbone.eval()
+        with torch.no_grad():
+            samples, trajectory = run_chain(
+                pl_module.diffusion,
+                backbone,
+                (self.num_samples, *backbone.data_shape),
+                torch.Generator().manual_seed(self.seed),
+                pl_module.hparams.clip_denoised,
+                trajectory_points=points,
+            )
+        backbone.train(was_training)
         step = trainer.global_step
         if samples.ndim == 4:
             image = image_grid(samples)
         else:
             image = scatter_plot(samples, trainer.datamodule.val_data, title=f"step {step}")
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(self.dirpath / f"step_{step:07d}.png")
-        log_image(trainer, "samples", image)
+        save_and_log(trainer, self.dirpath / f"step_{step:07d}.png", "samples", image)
+        if trajectory:
+            path = self.dirpath / f"trajectory_{step:07d}.png"
+            save_and_log(trainer, path, "trajectory", trajectory_figure(trajectory))
+
+
+class SchedulePlot(pl.Callback):
+    """At the start of training, plot abar_t, log-SNR and sigma_t^2 against t for the run's
+    schedule and variance: `path` (a PNG) and the loggers' `schedule` image."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    @rank_zero_only
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        diffusion = pl_module.diffusion
+        title = f"T = {diffusion.num_timesteps}, sigma_t^2 = {diffusion.variance}"
+        save_and_log(trainer, self.path, "schedule", schedule_figure(diffusion, title))
+
+
+class Throughput(pl.Callback):
+    """Logs `train/images_per_sec`: training images (all processes) per second of wall time,
+    over the steps since the last log; validation time is left out.
+
+    Lightning's ThroughputMonitor synchronises CUDA after every step; this measures over the
+    logging window instead, which needs no synchronisation (the queue of launched GPU work is
+    short next to a window of `log_every_n_steps` steps).
+    """
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self.images = 0
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.started is None:
+            self.started, self.images = time.perf_counter(), 0
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self.started is None:
+            return
+        self.images += len(batch[0]) * trainer.world_size
+        rate = self.images / (time.perf_counter() - self.started)
+        # The loggers keep the value of the steps Lightning logs (global_step % N == 0 here).
+        pl_module.log("train/images_per_sec", rate, rank_zero_only=True)
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            self.started = None
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.started = None  # a new window after validation
 
 
 class RandomState(pl.Callback):
-    """Keeps the global torch random state (and CUDA's) in checkpoints and puts it back just
-    before the first training step after a resume, so that the t and noise of every step are
-    those of the uninterrupted run. Lightning restores weights, EMA, optimizer, loops and a
-    stateful loader's position, but not this state.
+    """Keeps each process's global torch random state (and its CUDA device's) in checkpoints and
+    puts it back just before the first training step after a resume, so that the t and noise of
+    every step are those of the uninterrupted run. Lightning restores weights, EMA, optimizer,
+    loops and a stateful loader's position, but not this state.
 
-    With DDP the checkpoint holds rank 0's state, which every rank gets back.
+    With several processes the states of all ranks are gathered into the checkpoint (which rank 0
+    writes) and each rank gets its own back. Resuming with another number of processes cannot
+    be exact: each rank then takes the state of rank `rank % saved`, with a warning.
     """
 
     def __init__(self) -> None:
@@ -116,10 +172,25 @@ class RandomState(pl.Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        # Every rank builds the checkpoint (only rank 0 writes it), so all take part in the gather.
+        states = {"torch": torch.get_rng_state()}
+        if pl_module.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(pl_module.device)
         checkpoint["rng_state"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # clone: each rank's row becomes a tensor of its own, not a view into the gather
+            key: [s.cpu().clone() for s in self._gather(trainer, pl_module, state)]
+            for key, state in states.items()
         }
+
+    @staticmethod
+    def _gather(
+        trainer: pl.Trainer, pl_module: pl.LightningModule, state: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Each rank's copy of `state` (a uint8 tensor of the same length on every rank)."""
+        if trainer.world_size == 1:
+            return [state]
+        gathered = trainer.strategy.all_gather(state.to(pl_module.device))
+        return list(gathered.unbind(0))
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -131,9 +202,17 @@ class RandomState(pl.Callback):
     ) -> None:
         if self.pending is None:
             return
-        torch.set_rng_state(self.pending["torch"])
-        if self.pending["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(self.pending["cuda"])
+        saved = len(self.pending["torch"])
+        if saved != trainer.world_size:
+            rank_zero_warn(
+                f"the checkpoint holds the random state of {saved} process(es) and this run has "
+                f"{trainer.world_size}: the resumed steps draw other t and noise than the "
+                "uninterrupted run would have."
+            )
+        rank = trainer.global_rank % saved
+        torch.set_rng_state(self.pending["torch"][rank].clone())
+        if "cuda" in self.pending and pl_module.device.type == "cuda":
+            torch.cuda.set_rng_state(self.pending["cuda"][rank].clone(), pl_module.device)
         self.pending = None
 
 

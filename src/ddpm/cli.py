@@ -30,6 +30,19 @@ def short_dirname(name: str, limit: int = 200) -> str:
 OmegaConf.register_new_resolver("short_dirname", short_dirname, replace=True)
 
 
+def launcher_setting(key: str, default: Any = None) -> Any:
+    """`${launcher:KEY,DEFAULT}`: hydra.launcher.KEY when the run's launcher has it (e.g. nodes
+    and gpus_per_node under hydra/launcher=slurm), else DEFAULT."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return default
+    return HydraConfig.get().launcher.get(key, default)
+
+
+OmegaConf.register_new_resolver("launcher", launcher_setting, replace=True)
+
+
 def user_error_message(error: BaseException) -> str | None:
     """The one-sentence message of a configuration error, or None if it is not one."""
     while isinstance(error, InstantiationException) and error.__cause__ is not None:

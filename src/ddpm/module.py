@@ -68,6 +68,9 @@ class DiffusionModule(pl.LightningModule):
         self.backbone = backbone
         self.diffusion = diffusion
         self.optimizer_factory = optimizer
+        # train/loss_q0..q3 sums and counts since the last logged step: a plain tensor, not a
+        # buffer, so that DDP does not broadcast it, nor a checkpoint keep it
+        self.quarter_stats: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """eps_theta(x_t, t)."""
@@ -94,7 +97,34 @@ class DiffusionModule(pl.LightningModule):
             self.log("train/skipped_batches", float(self.skipped_batches))
             return None
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        self._log_loss_quarters(losses.detach(), t)
         return loss
+
+    def _logs_now(self) -> bool:
+        """Whether Lightning sends this training step's logged values to the loggers."""
+        return (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+
+    def _log_loss_quarters(self, losses: torch.Tensor, t: torch.Tensor) -> None:
+        """`train/loss_q0..q3`: L_simple over the examples whose t lies in each quarter of
+        [0, T), averaged since the last logged step (as improved-diffusion logs them). Kept on
+        the device, with no host sync; with several processes rank 0's share is logged."""
+        if self.quarter_stats is None:
+            self.quarter_stats = torch.zeros(2, 4, device=losses.device)
+        quarter = t * 4 // self.diffusion.num_timesteps
+        self.quarter_stats[0].index_add_(0, quarter, losses.float())
+        self.quarter_stats[1].index_add_(0, quarter, torch.ones_like(losses, dtype=torch.float32))
+        means = self.quarter_stats[0] / self.quarter_stats[1]  # nan for a quarter with no t yet
+        for q in range(4):
+            self.log(f"train/loss_q{q}", means[q], rank_zero_only=True)
+        if self._logs_now():
+            self.quarter_stats.zero_()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """`train/grad_norm`: the global 2-norm of the gradients before clipping, on logged
+        steps only."""
+        if self._logs_now():
+            grads = [p.grad for p in self.backbone.parameters() if p.grad is not None]
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), rank_zero_only=True)
 
     def _fixed_noise_loss(self, x0: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """L_simple with t and noise drawn from a generator seeded by the batch and rank, so that
@@ -167,6 +197,10 @@ class DiffusionModule(pl.LightningModule):
         }
 
     def on_fit_start(self) -> None:
+        if self.trainer.world_size > 1:
+            # Every process was seeded alike (so the initial weights agree); from here each rank
+            # draws its own t and noise, else the ranks would repeat each other's t.
+            torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.hparams.clip_denoised and getattr(datamodule, "num_levels", 1) is None:
             warnings.warn(

@@ -12,14 +12,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from PIL import Image
 
-from ddpm.callbacks import image_grid, scatter_plot
 from ddpm.checkpoint import Trained, load_trained_for, pick_device
 from ddpm.cli import CONF_DIR, user_errors
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.figures import image_grid, scatter_plot, trajectory_figure
 
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("ancestral", "ddim", "respaced")
+Trajectory = list[tuple[int, torch.Tensor, torch.Tensor]]
 
 
 def sampling_chain(
@@ -65,7 +66,7 @@ def generate(
     seed: int = 0,
     trajectory_points: int = 0,
     device: str = "cpu",
-) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+) -> tuple[torch.Tensor, Trajectory]:
     """`num_samples` samples in batches, and (t, x_t, predicted x_0) of the first batch's first
     few samples at `trajectory_points` times evenly spread along the chain."""
     chain, eta_or_none = check_sampling(
@@ -74,60 +75,51 @@ def generate(
     backbone = trained.backbone.to(device)
     chain = chain.to(device)
     generator = torch.Generator().manual_seed(seed)
-    marks = set(np.linspace(chain.num_timesteps - 1, 0, trajectory_points).round().astype(int))
     shape = tuple(backbone.data_shape)
     batches, trajectory = [], []
     for start in range(0, num_samples, batch_size):
         n = min(batch_size, num_samples - start)
-        steps_iter = chain.sample_steps(
-            backbone, (n, *shape), generator, clip_denoised, progress=True, eta=eta_or_none
+        x, marked = run_chain(
+            chain,
+            backbone,
+            (n, *shape),
+            generator,
+            clip_denoised,
+            eta_or_none,
+            trajectory_points if start == 0 else 0,
+            progress=True,
         )
-        for i, x, pred_x0 in steps_iter:
-            if start == 0 and i in marks:
-                original_t = int(chain.timestep_map[i])
-                keep = 8 if x.ndim == 4 else 1000  # a few images, or a cloud of 2-D points
-                trajectory.append((original_t, x[:keep].cpu(), pred_x0[:keep].cpu()))
         batches.append(x.cpu())
+        trajectory = trajectory or marked
     return torch.cat(batches), trajectory
+
+
+def run_chain(
+    chain: GaussianDiffusion,
+    backbone: torch.nn.Module,
+    shape: tuple[int, ...],
+    generator: torch.Generator | None,
+    clip_denoised: bool,
+    eta: float | None = None,
+    trajectory_points: int = 0,
+    progress: bool = False,
+) -> tuple[torch.Tensor, Trajectory]:
+    """Run the reverse chain once: x_0, and (t, x_t, predicted x_0) of the first few samples at
+    `trajectory_points` times evenly spread along the chain (t counted on the original chain)."""
+    marks = set(np.linspace(chain.num_timesteps - 1, 0, trajectory_points).round().astype(int))
+    trajectory = []
+    steps = chain.sample_steps(backbone, shape, generator, clip_denoised, progress, eta=eta)
+    for i, x, pred_x0 in steps:
+        if i in marks:
+            keep = 8 if x.ndim == 4 else 1000  # a few images, or a cloud of 2-D points
+            trajectory.append((int(chain.timestep_map[i]), x[:keep].cpu(), pred_x0[:keep].cpu()))
+    return x, trajectory
 
 
 def to_levels(x: torch.Tensor, num_levels: int) -> np.ndarray:
     """Images in [-1, 1] -> uint8 NHWC on the data's `num_levels` values 0..num_levels-1."""
     q = ((x.clamp(-1, 1) + 1) / 2 * (num_levels - 1)).round().to(torch.uint8)
     return q.permute(0, 2, 3, 1).numpy()
-
-
-def trajectory_figure(trajectory: list[tuple[int, torch.Tensor, torch.Tensor]]) -> np.ndarray:
-    """The paper's progressive-generation picture: for each sample a row of x_t at the marked
-    times (large t on the left), then the same rows for the predicted x_0; for 2-D data,
-    scatter plots of x_t and predicted x_0 at each marked time."""
-    if trajectory[0][1].ndim == 4:
-        rows = []
-        for index in (1, 2):  # x_t, then predicted x_0
-            frames = torch.stack([step[index] for step in trajectory], dim=1)  # [N, times, ...]
-            rows.append(frames.flatten(0, 1))
-        return image_grid(torch.cat(rows), nrow=len(trajectory))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(
-        2, len(trajectory), figsize=(1.6 * len(trajectory), 3.4), squeeze=False
-    )
-    for col, (t, x, x0) in enumerate(trajectory):
-        for row, (points, label) in enumerate(((x, "x_t"), (x0, "predicted x_0"))):
-            ax = axes[row, col]
-            ax.scatter(points[:, 0], points[:, 1], s=2)
-            ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(f"t={t + 1}" if row == 0 else "", fontsize=8)
-            if col == 0:
-                ax.set_ylabel(label, fontsize=8)
-    fig.tight_layout()
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return image
 
 
 def sample(cfg: DictConfig, output_dir: Path) -> Path:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
@@ -67,6 +69,8 @@ def build(cfg: DictConfig) -> Run:
             "channels and size (backbone.in_channels, backbone.image_size, backbone.dim) "
             "must match the data's."
         )
+    compile_backbone(backbone, cfg.get("compile"))
+    datamodule.check()  # data files present (a missing folder is one sentence, not a traceback)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     ckpt_path = resume_path(cfg)
     if ckpt_path:
@@ -79,6 +83,7 @@ def build(cfg: DictConfig) -> Run:
         logger=[guard_logger(lg) for lg in _instantiate_all(cfg.get("logger"))] or False,
     )
     datamodule.per_device_batch_size(trainer.world_size)
+    _check_not_ddp_in_local_sweep(trainer)
     if module.hparams.on_nan == "skip" and trainer.world_size > 1:
         raise ValueError(
             "model.on_nan=skip works in one process only (a skipped step on one rank would stall "
@@ -87,6 +92,38 @@ def build(cfg: DictConfig) -> Run:
     num_params = sum(p.numel() for p in backbone.parameters())
     log.info(f"backbone {_choice('backbone')}: {num_params:,} parameters ({num_params / 1e6:.1f}M)")
     return Run(datamodule, module, trainer, ckpt_path)
+
+
+def compile_backbone(backbone: torch.nn.Module, option: Any) -> None:
+    """`compile=true` (or a dict of torch.compile options, e.g. `{mode: max-autotune}`):
+    compile the backbone's forward in place, so parameter names and checkpoints stay the same."""
+    if option is None or option is False:
+        return
+    if option is not True and not isinstance(option, Mapping):
+        raise ValueError(
+            f"compile={option!r} is invalid: allowed are true, false or a dict of torch.compile "
+            "options such as {mode: max-autotune}."
+        )
+    backbone.compile(**({} if option is True else dict(option)))
+
+
+def _check_not_ddp_in_local_sweep(trainer: pl.Trainer) -> None:
+    """Lightning's DDP starts its other processes by re-running the command line, which inside a
+    local multirun would start the whole sweep again in each; refuse that before training."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if trainer.world_size == 1 or not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    local = hydra_cfg.launcher.get("_target_", "").endswith("BasicLauncher")
+    if hydra_cfg.mode == RunMode.MULTIRUN and local:
+        raise ValueError(
+            f"trainer={_choice('trainer')} with {trainer.world_size} processes cannot run inside a "
+            "local multirun (-m): Lightning's DDP starts its processes by re-running the command, "
+            "which would repeat the sweep; use hydra/launcher=slurm (one SLURM task per GPU), or "
+            "run the jobs one at a time without -m."
+        )
 
 
 def resume_path(cfg: DictConfig) -> str | None:

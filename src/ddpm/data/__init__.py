@@ -1,9 +1,27 @@
-"""LightningDataModules. Each has fixed, seeded train/val/test splits held in memory, a global
-`batch_size` split evenly over the devices, `data_shape` (one example) and `num_levels` (the
-number of values a coordinate takes in the data, or None for continuous data)."""
+"""LightningDataModules. Each has fixed, seeded train/val/test splits held in memory (uint8
+levels for images), a global `batch_size` split evenly over the devices, `data_shape` (one
+example) and `num_levels` (the number of values a coordinate takes in the data, or None for
+continuous data)."""
 
 from ddpm.data.base import TensorDataModule
 from ddpm.data.digits import DigitsDataModule
+from ddpm.data.image_folder import ImageFolderDataModule
 from ddpm.data.toy2d import TOY2D_NAMES, Toy2DDataModule
+from ddpm.data.vision import (
+    CIFAR10DataModule,
+    FashionMNISTDataModule,
+    MNISTDataModule,
+    TorchvisionDataModule,
+)
 
-__all__ = ["TOY2D_NAMES", "DigitsDataModule", "TensorDataModule", "Toy2DDataModule"]
+__all__ = [
+    "TOY2D_NAMES",
+    "CIFAR10DataModule",
+    "DigitsDataModule",
+    "FashionMNISTDataModule",
+    "ImageFolderDataModule",
+    "MNISTDataModule",
+    "TensorDataModule",
+    "TorchvisionDataModule",
+    "Toy2DDataModule",
+]

@@ -1,40 +1,118 @@
-"""What the in-memory data modules share: splits as tensors, the global batch, the loaders."""
+"""What the data modules share: splits held in memory, the global batch, samplers, loaders."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
+from typing import Any
+
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
+
+SPLITS = ("train", "val", "test")
+
+
+def check_positive_int(key: str, value: Any, minimum: int = 1) -> None:
+    """A one-sentence ValueError unless `value` is an integer >= `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key}={value!r} is invalid: it must be an integer >= {minimum}.")
+
+
+class SplitDataset(Dataset):
+    """One split as model inputs: integer levels 0..L-1 are scaled to [-1, 1] per example (so
+    that large image sets stay uint8 in memory); a key `(index, flip)` mirrors the image."""
+
+    def __init__(self, data: torch.Tensor, num_levels: int | None) -> None:
+        self.data, self.num_levels = data, num_levels
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key: int | tuple[int, bool]) -> tuple[torch.Tensor]:
+        index, flip = key if isinstance(key, tuple) else (key, False)
+        x = to_model_range(self.data[index], self.num_levels)
+        return (x.flip(-1) if flip else x,)
+
+
+def to_model_range(data: torch.Tensor, num_levels: int | None) -> torch.Tensor:
+    """Integer levels 0..num_levels-1 -> float in [-1, 1]; continuous data as float."""
+    if num_levels is None:
+        return data.float()
+    return data.float() * (2.0 / (num_levels - 1)) - 1.0
+
+
+class EpochSampler(DistributedSampler):
+    """torch's DistributedSampler (this rank's share; order from the run's seed and the epoch,
+    which Lightning sets), yielding `(index, flip)` with random horizontal flips when `hflip`.
+
+    The flips come from a generator seeded by the seed and the epoch, not from the global random
+    state, so a resumed run sees the same mirrored images as the uninterrupted one.
+    """
+
+    def __init__(self, dataset: Dataset, hflip: bool = False, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self.hflip = hflip
+
+    def __iter__(self) -> Iterator[Any]:
+        indices = list(super().__iter__())
+        if not self.hflip:
+            return iter(indices)
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch + 1) % 2**63)
+        flips = (torch.rand(len(self.dataset), generator=g) < 0.5).tolist()  # type: ignore[arg-type]
+        return iter([(i, flips[i]) for i in indices])
 
 
 class TensorDataModule(pl.LightningDataModule):
-    """A data module whose three splits are tensors built by `make_splits()` in `__init__`."""
+    """A data module whose three splits `make_splits()` returns as tensors: uint8 levels for
+    quantised data (`num_levels` set), float for continuous data. They are built on first use;
+    `check()` finds missing files first, in one sentence, and `prepare_data()` downloads."""
 
     num_levels: int | None = None
 
-    def __init__(self, batch_size: int, num_workers: int = 0) -> None:
+    def __init__(self, batch_size: int, num_workers: int = 0, hflip: bool = False) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(
-                f"data.batch_size={batch_size!r} is invalid: it must be an integer >= 1."
-            )
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(
-                f"data.num_workers={num_workers!r} is invalid: it must be an integer >= 0."
-            )
+        check_positive_int("data.batch_size", batch_size)
+        check_positive_int("data.num_workers", num_workers, minimum=0)
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.train_data, self.val_data, self.test_data = (
-            t.float().contiguous() for t in self.make_splits()
-        )
+        self.hflip = bool(hflip)
+        # The order of the training data comes from the run's seed (set before this is built),
+        # taken now, while every process has the same one.
+        self.shuffle_seed = torch.initial_seed() % 2**63
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        """The shape of one example, known without loading the data."""
+        raise NotImplementedError
 
     def make_splits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def check(self) -> None:
+        """Raise a one-sentence ValueError when the files the data needs are missing."""
+
+    @functools.cached_property
+    def splits(self) -> dict[str, torch.Tensor]:
+        self.check()
+        return dict(zip(SPLITS, (t.contiguous() for t in self.make_splits()), strict=True))
+
+    def split(self, name: str) -> torch.Tensor:
+        """The whole split `name` as model inputs (float, images in [-1, 1])."""
+        return to_model_range(self.splits[name], self.num_levels)
+
     @property
-    def data_shape(self) -> tuple[int, ...]:
-        return tuple(self.train_data.shape[1:])
+    def train_data(self) -> torch.Tensor:
+        return self.split("train")
+
+    @property
+    def val_data(self) -> torch.Tensor:
+        return self.split("val")
+
+    @property
+    def test_data(self) -> torch.Tensor:
+        return self.split("test")
 
     def per_device_batch_size(self, world_size: int) -> int:
         """The global `batch_size` divided evenly over `world_size` processes."""
@@ -45,22 +123,31 @@ class TensorDataModule(pl.LightningDataModule):
             )
         return self.batch_size // world_size
 
-    def _loader(self, data: torch.Tensor, train: bool) -> DataLoader:
+    def setup(self, stage: str | None = None) -> None:
+        self.splits  # noqa: B018 - load now, not inside the first training step
+
+    def _loader(self, split: str) -> DataLoader:
         """A torchdata StatefulDataLoader: Lightning saves how far it got in every checkpoint, so
-        a resumed run sees the same batches as an uninterrupted one. Training batches are
-        shuffled by a permutation that depends only on the run's seed and the epoch (torch's
-        DistributedSampler, whose epoch Lightning sets; with DDP Lightning puts its own in), so
-        the order survives a resume and the global random state is left to the training step."""
-        dataset = TensorDataset(data)
-        world_size = self.trainer.world_size if self.trainer is not None else 1
-        sampler = None
-        if train and world_size == 1:
-            seed = torch.initial_seed() % 2**63
-            sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
+        a resumed run sees the same batches as an uninterrupted one. Each process reads its own
+        share through an EpochSampler (the trainer runs with `use_distributed_sampler=False`):
+        the order depends only on the run's seed and the epoch, so it survives a resume and the
+        global random state is left to the training step."""
+        train = split == "train"
+        dataset = SplitDataset(self.splits[split], self.num_levels)
+        trainer = self.trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        sampler = EpochSampler(
+            dataset,
+            hflip=train and self.hflip,
+            num_replicas=world_size,
+            rank=rank,
+            shuffle=train,
+            seed=self.shuffle_seed,
+            drop_last=train,
+        )
         return StatefulDataLoader(
             dataset,
             batch_size=self.per_device_batch_size(world_size),
-            shuffle=train and sampler is None,
             sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
@@ -68,10 +155,10 @@ class TensorDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_data, train=True)
+        return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_data, train=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_data, train=False)
+        return self._loader("test")

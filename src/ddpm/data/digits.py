@@ -9,7 +9,7 @@ from ddpm.data.base import TensorDataModule
 
 
 class DigitsDataModule(TensorDataModule):
-    """UCI digits scaled from {0, ..., 16} to [-1, 1], split with a fixed seed."""
+    """UCI digits, levels 0..16 (scaled to [-1, 1] as they are read), split with a fixed seed."""
 
     num_levels = 17
 
@@ -39,9 +39,12 @@ class DigitsDataModule(TensorDataModule):
         )
         super().__init__(batch_size, num_workers)
 
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return (1, 8, 8)
+
     def make_splits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        images = torch.from_numpy(load_digits().images).float()  # [1797, 8, 8] in 0..16
-        x = (images / (self.num_levels - 1) * 2 - 1).unsqueeze(1)
+        x = torch.from_numpy(load_digits().images).to(torch.uint8).unsqueeze(1)  # 0..16
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.split_seed))
         n_val, n_test = round(self.val_fraction * len(x)), round(self.test_fraction * len(x))
         val, test, train = order[:n_val], order[n_val : n_val + n_test], order[n_val + n_test :]

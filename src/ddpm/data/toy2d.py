@@ -66,6 +66,10 @@ class Toy2DDataModule(TensorDataModule):
         self.sizes = (num_train, num_val, num_test)
         super().__init__(batch_size, num_workers)
 
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return (2,)
+
     def make_splits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(  # type: ignore[return-value]
             torch.from_numpy(make_toy2d(self.name, n, self.seed + i))

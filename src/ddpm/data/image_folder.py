@@ -1,0 +1,93 @@
+"""Any folder of images (searched recursively), resized and center-cropped to a square."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import v2
+
+from ddpm.data.base import TensorDataModule, check_positive_int
+
+MODES = {1: "L", 3: "RGB"}
+
+
+class ImageFolderDataModule(TensorDataModule):
+    """Every image under `root`: its shorter side resized to `image_size` (antialiased), then
+    center-cropped, with `channels` 1 (grey) or 3 (RGB); 256 levels, held in memory as uint8,
+    split into train/val/test by a seeded permutation."""
+
+    num_levels = 256
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 32,
+        channels: int = 3,
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        split_seed: int = 0,
+        hflip: bool = False,
+        batch_size: int = 128,
+        num_workers: int = 0,
+    ) -> None:
+        check_positive_int("data.image_size", image_size)
+        if channels not in MODES:
+            raise ValueError(
+                f"data.channels={channels!r} is invalid for data=image_folder: allowed are 1 "
+                "(grey) and 3 (RGB)."
+            )
+        for key, value in {"val_fraction": val_fraction, "test_fraction": test_fraction}.items():
+            if not 0.0 < value < 0.5:
+                raise ValueError(f"data.{key}={value!r} is invalid: it must lie in (0, 0.5).")
+        super().__init__(batch_size, num_workers, hflip)
+        self.root, self.image_size, self.channels = Path(root), image_size, channels
+        self.fractions, self.split_seed = (val_fraction, test_fraction), split_seed
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return (self.channels, self.image_size, self.image_size)
+
+    def files(self) -> list[Path]:
+        """The image files under `root`, sorted, so the split is the same on every machine."""
+        return sorted(
+            p for p in self.root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()
+        )
+
+    def check(self) -> None:
+        if not self.root.is_dir():
+            raise ValueError(
+                f"data.root={str(self.root)!r} is not a folder: data=image_folder needs a folder "
+                "of images."
+            )
+        files = self.files()
+        if len(files) < 3:
+            raise ValueError(
+                f"data.root={str(self.root)!r} holds {len(files)} image(s): data=image_folder "
+                f"needs at least 3 (one per split), with extensions {', '.join(IMG_EXTENSIONS)}."
+            )
+
+    def make_splits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        resize = v2.Compose(
+            [
+                v2.PILToTensor(),
+                v2.Resize(self.image_size, antialias=True),
+                v2.CenterCrop(self.image_size),
+            ]
+        )
+        images = []
+        for path in self.files():
+            try:
+                with Image.open(path) as image:
+                    images.append(resize(image.convert(MODES[self.channels])))
+            except OSError as error:
+                raise ValueError(
+                    f"data.root={str(self.root)!r}: {path} is not a readable image ({error})."
+                ) from error
+        x = torch.stack(images)
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.split_seed))
+        n_val, n_test = (max(1, round(f * len(x))) for f in self.fractions)
+        val, test, train = order[:n_val], order[n_val : n_val + n_test], order[n_val + n_test :]
+        return x[train], x[val], x[test]

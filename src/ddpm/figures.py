@@ -1,0 +1,112 @@
+"""Figures for people: sample grids, scatter plots, denoising trajectories and the schedule,
+each as a uint8 [H, W, 3] array that can be saved as a PNG or sent to a logger."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.utils import make_grid
+
+from ddpm.diffusion import GaussianDiffusion
+
+
+def _pyplot():  # noqa: ANN202 - the pyplot module
+    """matplotlib's pyplot on the Agg backend (no screen needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _to_array(fig) -> np.ndarray:
+    """Render a matplotlib figure to a uint8 [H, W, 3] array and close it."""
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    _pyplot().close(fig)
+    return image
+
+
+def image_grid(samples: torch.Tensor, min_side: int = 32, nrow: int | None = None) -> np.ndarray:
+    """[N, C, H, W] in [-1, 1] -> a uint8 [H', W', 3] grid of `nrow` per row (default: square);
+    small images are upscaled with nearest-neighbour so that each is at least `min_side` wide."""
+    scale = max(1, math.ceil(min_side / samples.shape[-1]))
+    x = F.interpolate((samples.float().clamp(-1, 1) + 1) / 2, scale_factor=scale, mode="nearest")
+    nrow = nrow or math.ceil(math.sqrt(len(x)))
+    grid = make_grid(x, nrow=nrow, padding=scale, pad_value=0.5)
+    return (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def scatter_plot(samples: torch.Tensor, data: torch.Tensor, title: str = "") -> np.ndarray:
+    """A uint8 [H, W, 3] scatter plot of 2-D samples over the data."""
+    plt = _pyplot()
+    samples, data = samples.float().cpu().numpy(), data.float().cpu().numpy()
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    ax.scatter(data[:, 0], data[:, 1], s=3, c="0.75", label="data", linewidths=0)
+    ax.scatter(samples[:, 0], samples[:, 1], s=3, c="tab:orange", label="samples", linewidths=0)
+    low, high = data.min(0), data.max(0)
+    pad = 0.1 * (high - low)
+    ax.set(xlim=(low[0] - pad[0], high[0] + pad[0]), ylim=(low[1] - pad[1], high[1] + pad[1]))
+    ax.set_aspect("equal")
+    ax.set_title(title)
+    ax.legend(loc="upper right", markerscale=4)
+    fig.tight_layout()
+    return _to_array(fig)
+
+
+def trajectory_figure(trajectory: list[tuple[int, torch.Tensor, torch.Tensor]]) -> np.ndarray:
+    """The paper's progressive-generation picture: for each sample a row of x_t at the marked
+    times (large t on the left), then the same rows for the predicted x_0; for 2-D data,
+    scatter plots of x_t and predicted x_0 at each marked time."""
+    if trajectory[0][1].ndim == 4:
+        rows = []
+        for index in (1, 2):  # x_t, then predicted x_0
+            frames = torch.stack([step[index] for step in trajectory], dim=1)  # [N, times, ...]
+            rows.append(frames.flatten(0, 1))
+        return image_grid(torch.cat(rows), nrow=len(trajectory))
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        2, len(trajectory), figsize=(1.6 * len(trajectory), 3.4), squeeze=False
+    )
+    for col, (t, x, x0) in enumerate(trajectory):
+        for row, (points, label) in enumerate(((x, "x_t"), (x0, "predicted x_0"))):
+            ax = axes[row, col]
+            ax.scatter(points[:, 0], points[:, 1], s=2)
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title(f"t={t + 1}" if row == 0 else "", fontsize=8)
+            if col == 0:
+                ax.set_ylabel(label, fontsize=8)
+    fig.tight_layout()
+    return _to_array(fig)
+
+
+
+
+def schedule_figure(diffusion: GaussianDiffusion, title: str = "") -> np.ndarray:
+    """abar_t, log-SNR = log(abar_t / (1 - abar_t)) and the reverse variance sigma_t^2 of both
+    choices (beta_t and tilde-beta_t, the run's own drawn bold) against t = 1..T."""
+    plt = _pyplot()
+    T = diffusion.num_timesteps
+    t = np.arange(1, T + 1)
+    abar = diffusion.alphas_cumprod.double().cpu().numpy()
+    betas = diffusion.betas.double().cpu().numpy()
+    tilde = diffusion.posterior_variance.double().cpu().numpy()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=100)
+    axes[0].plot(t, abar)
+    axes[0].set(xlabel="t", ylabel="abar_t", title="signal kept, abar_t")
+    axes[1].plot(t, np.log(abar) - np.log1p(-abar))
+    axes[1].set(xlabel="t", ylabel="log SNR", title="log-SNR = log abar_t / (1 - abar_t)")
+    for name, values in (("beta", betas), ("tilde_beta", tilde)):
+        chosen = name == diffusion.variance
+        axes[2].semilogy(
+            t[1:], values[1:], lw=2.5 if chosen else 1, label=f"{name}{' (this run)' * chosen}"
+        )
+    axes[2].set(xlabel="t", ylabel="sigma_t^2", title="reverse variance (t >= 2)")
+    axes[2].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _to_array(fig)

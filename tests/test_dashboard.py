@@ -1,0 +1,74 @@
+"""What a run shows: loss per quarter of the t-range, gradient norm, images per second, the
+schedule plot and the denoising trajectory, in files and in the loggers."""
+
+import csv
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST
+from PIL import Image
+
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.figures import schedule_figure
+from ddpm.schedules import make_beta_schedule
+from ddpm.train import build, train
+
+
+def test_loss_quarters_are_window_means_per_quarter(compose_cfg) -> None:
+    module = build(compose_cfg([*FAST, "timesteps=100"])).module
+    logged: dict[str, torch.Tensor] = {}
+    module.log = lambda key, value, **kwargs: logged.__setitem__(key, value)  # type: ignore
+    g = torch.Generator().manual_seed(0)
+    all_losses, all_t = [], []
+    for step in range(3):  # one logging window: steps 0, 1, 2 (the last is logged)
+        module._trainer = SimpleNamespace(log_every_n_steps=3, global_step=step)
+        losses, t = torch.rand(50, generator=g), torch.randint(0, 100, (50,), generator=g)
+        all_losses.append(losses), all_t.append(t)
+        module._log_loss_quarters(losses, t)
+    losses, t = torch.cat(all_losses).double().numpy(), torch.cat(all_t).numpy()
+    for q in range(4):  # quarter q holds t in [25q, 25q + 25)
+        in_q = (t >= 25 * q) & (t < 25 * (q + 1))
+        assert logged[f"train/loss_q{q}"].item() == pytest.approx(losses[in_q].mean(), rel=1e-6)
+    assert module.quarter_stats.sum().item() == 0  # the window restarts after a logged step
+
+
+def test_a_run_logs_the_dashboard_and_writes_its_figures(compose_cfg, tmp_path: Path) -> None:
+    cfg = compose_cfg([*FAST, "trainer.max_steps=4", "callbacks.samples.trajectory_every=2"])
+    train(cfg)
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    trained = [r for r in rows if r.get("train/loss")]
+    assert len(trained) == 4
+    for row in trained:
+        quarters = [float(row[f"train/loss_q{q}"]) for q in range(4)]
+        assert all(math.isfinite(v) and v > 0 for v in quarters)
+        assert float(row["train/grad_norm"]) > 0
+        assert float(row["train/images_per_sec"]) > 0
+    assert (tmp_path / "schedule.png").is_file()
+    # validations at steps 2 and 4: the trajectory at the 1st (and would be at the 3rd)
+    trajectories = sorted(p.name for p in (tmp_path / "samples").glob("trajectory_*.png"))
+    assert trajectories == ["trajectory_0000002.png"]
+    strip = np.asarray(Image.open(tmp_path / "samples" / "trajectory_0000002.png"))
+    assert strip.shape[1] > strip.shape[0]  # 10 times side by side
+
+
+def test_grad_norm_is_the_norm_before_clipping(compose_cfg) -> None:
+    module = build(compose_cfg([*FAST])).module
+    logged = {}
+    module.log = lambda key, value, **kwargs: logged.__setitem__(key, value)  # type: ignore
+    module._trainer = SimpleNamespace(log_every_n_steps=1, global_step=0)
+    for p in module.backbone.parameters():
+        p.grad = torch.full_like(p, 2.0)
+    module.on_before_optimizer_step(None)  # type: ignore[arg-type]
+    n = sum(p.numel() for p in module.backbone.parameters())
+    assert logged["train/grad_norm"].item() == pytest.approx(2.0 * math.sqrt(n), rel=1e-5)
+
+
+def test_schedule_figure_draws_both_variances() -> None:
+    diffusion = GaussianDiffusion(make_beta_schedule("cosine", 200), "tilde_beta")
+    image = schedule_figure(diffusion, "cosine")
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert image.shape[1] > 2 * image.shape[0]  # three panels side by side
