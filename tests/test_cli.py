@@ -52,7 +52,10 @@ def test_multirun_2x2_with_wandb_offline(tmp_path: Path) -> None:
         assert (folder / "checkpoints" / "last.ckpt").is_file()
         assert len(list((folder / "samples").glob("step_*.png"))) == 2
         offline_run = only(list((folder / "wandb").glob("offline-run-*")))
-        assert len(list((offline_run / "files" / "media" / "images").glob("samples_*.png"))) == 2
+        images = offline_run / "files" / "media" / "images"
+        assert len(list(images.glob("samples_*.png"))) == 2
+        assert len(list(images.glob("schedule_*.png"))) == 1
+        assert len(list(images.glob("trajectory_*.png"))) == 1
         # The offline record (what `wandb sync` uploads) holds the run's name, its sweep group,
         # the metrics and the resolved config; its strings are stored as plain bytes.
         record = only(list(offline_run.glob("run-*.wandb"))).read_bytes()
@@ -64,6 +67,10 @@ def test_multirun_2x2_with_wandb_offline(tmp_path: Path) -> None:
             "train/loss",
             "val/loss",
             "lr-Adam",
+            "train/loss_q0",
+            "train/loss_q3",
+            "train/grad_norm",
+            "train/images_per_sec",
             "run_config",
             f"schedule={schedule}",
         ]

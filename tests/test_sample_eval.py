@@ -226,3 +226,29 @@ def test_fid_and_kid_from_a_local_weights_file(digits_ckpt: Path, compose_cfg, t
     fid = evaluate(cfg, Path(cfg.paths.output_dir))["fid"]
     assert math.isfinite(fid["fid"]) and fid["fid"] >= 0 and math.isfinite(fid["kid_mean"])
     assert (fid["reference_split"], fid["num_samples"], fid["num_reference"]) == ("val", 16, 20)
+
+
+def test_torchrun_splits_sampling_and_the_bound_over_processes(digits_ckpt: Path, tmp_path) -> None:
+    """Two CPU processes (torchrun) share the batches and gather them: the samples and the bound
+    are those of one process, to the bit."""
+    common = [f"ckpt_path={digits_ckpt}", "batch_size=2", "sampler=respaced", "steps=10"]
+    outputs = {}
+    for name, launcher in (("one", []), ("two", ["torch.distributed.run", "--nproc-per-node=2"])):
+        folder = tmp_path / name
+        for script, extra in (("ddpm.sample", ["num_samples=5"]), ("ddpm.evaluate", [])):
+            args = [*common, *extra, f"hydra.run.dir={folder / script}"]
+            if script == "ddpm.evaluate":
+                args += ["max_examples=5", "fid.enabled=false"]
+            if launcher:
+                args = [*launcher[1:], "-m", script, *args]
+            result = run_train(args, cwd=tmp_path, script=launcher[0] if launcher else script)
+            assert result.returncode == 0, result.stderr[-3000:]
+            if launcher and script == "ddpm.sample":
+                assert "sampling 3 batches on 2 processes" in result.stdout + result.stderr
+        outputs[name] = (
+            np.load(folder / "ddpm.sample" / "samples.npz")["samples"],
+            json.loads((folder / "ddpm.evaluate" / "metrics.json").read_text()),
+        )
+    assert np.array_equal(outputs["one"][0], outputs["two"][0]) and len(outputs["one"][0]) == 5
+    assert outputs["one"][1]["bpd"] == outputs["two"][1]["bpd"]
+    assert outputs["one"][1]["num_examples"] == outputs["two"][1]["num_examples"] == 5

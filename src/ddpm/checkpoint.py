@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,9 +100,11 @@ def load_trained_for(cfg: Any) -> Trained:
 
 
 def pick_device(name: str) -> str:
-    """`auto` is cuda when a GPU is visible, else cpu."""
+    """`auto` is this process's GPU when one is visible (cuda:LOCAL_RANK under torchrun), else
+    cpu."""
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     return name
 
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ddpm.checkpoint import Trained, load_trained_for, pick_device
 from ddpm.cli import CONF_DIR, user_errors
 from ddpm.data.toy2d import make_toy2d
+from ddpm.distributed import batch_seed, gather_in_order, my_share, world
 from ddpm.loggers import finish_wandb, guard_logger
 from ddpm.sample import check_sampling, generate
 
@@ -51,13 +52,15 @@ def bound_bpd(
     """The full bound (every t) on `data`: mean and standard error of the total in bits/dim, the
     mean prior term, and the mean of each term L_0..L_{T-1} over the examples."""
     backbone, diffusion = trained.backbone.to(device), trained.diffusion.to(device)
-    generator = torch.Generator().manual_seed(seed)
-    totals, priors, terms = [], [], []
-    for batch in tqdm(data.split(batch_size), desc="bits/dim"):
+    done = []
+    for index, batch in tqdm(my_share(data.split(batch_size)), desc="bits/dim"):
+        generator = torch.Generator().manual_seed(batch_seed(seed, index))
         out = diffusion.nll_bpd(backbone, batch.to(device), num_levels, generator=generator)
-        totals.append(out["total_bpd"].cpu())
-        priors.append(out["prior_bpd"].cpu())
-        terms.append(out["terms_bpd"].cpu())
+        done.append((index, {k: out[k].cpu() for k in ("total_bpd", "prior_bpd", "terms_bpd")}))
+    results = gather_in_order(done)
+    totals, priors, terms = (
+        [r[k] for r in results] for k in ("total_bpd", "prior_bpd", "terms_bpd")
+    )
     total = torch.cat(totals)
     return {
         "bpd": total.mean().item(),
@@ -169,8 +172,6 @@ def fid_kid(
             fid.update(batch.to(device), real=real)
             kid.update(batch.to(device), real=real)
 
-    reference = split_data(datamodule, cfg.fid.reference_split)[: cfg.fid.num_reference]
-    add(reference, real=True)
     samples, _ = generate(
         trained,
         cfg.fid.num_samples,
@@ -181,6 +182,10 @@ def fid_kid(
         seed=cfg.seed,
         device=device,
     )
+    if world()[0] != 0:
+        return None  # rank 0 computes the statistics
+    reference = split_data(datamodule, cfg.fid.reference_split)[: cfg.fid.num_reference]
+    add(reference, real=True)
     add(samples, real=False)
     kid_mean, kid_std = kid.compute()
     return {
@@ -229,7 +234,6 @@ def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     device = pick_device(cfg.device)
     if cfg.max_examples is not None:
         data = data[: cfg.max_examples]
-    output_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {
         "ckpt_path": str(cfg.ckpt_path),
         "split": cfg.split,
@@ -238,13 +242,19 @@ def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     }
     if datamodule.num_levels is not None and cfg.bpd:
         bound = bound_bpd(trained, data, datamodule.num_levels, cfg.batch_size, cfg.seed, device)
-        write_terms(bound.pop("terms_bpd"), output_dir)
+        terms_bpd = bound.pop("terms_bpd")
+        if world()[0] == 0:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            write_terms(terms_bpd, output_dir)
         metrics.update(bound, num_examples=len(data), num_levels=datamodule.num_levels)
     if len(datamodule.data_shape) == 3 and cfg.fid.enabled:
         metrics["fid"] = fid_kid(trained, datamodule, cfg, device)
     if len(datamodule.data_shape) == 1:
         metrics.update(toy_distances(trained, datamodule, cfg, device))
     metrics["seconds"] = round(time.perf_counter() - started, 1)
+    if world()[0] != 0:
+        return metrics  # rank 0 writes and logs
+    output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     flat = _flatten(metrics)
     loggers = [guard_logger(instantiate(v)) for v in (cfg.get("logger") or {}).values() if v]

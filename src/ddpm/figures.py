@@ -84,8 +84,6 @@ def trajectory_figure(trajectory: list[tuple[int, torch.Tensor, torch.Tensor]]) 
     return _to_array(fig)
 
 
-
-
 def schedule_figure(diffusion: GaussianDiffusion, title: str = "") -> np.ndarray:
     """abar_t, log-SNR = log(abar_t / (1 - abar_t)) and the reverse variance sigma_t^2 of both
     choices (beta_t and tilde-beta_t, the run's own drawn bold) against t = 1..T."""

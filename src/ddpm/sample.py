@@ -15,6 +15,7 @@ from PIL import Image
 from ddpm.checkpoint import Trained, load_trained_for, pick_device
 from ddpm.cli import CONF_DIR, user_errors
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.distributed import batch_seed, gather_in_order, my_share, world
 from ddpm.figures import image_grid, scatter_plot, trajectory_figure
 
 log = logging.getLogger(__name__)
@@ -67,31 +68,34 @@ def generate(
     trajectory_points: int = 0,
     device: str = "cpu",
 ) -> tuple[torch.Tensor, Trajectory]:
-    """`num_samples` samples in batches, and (t, x_t, predicted x_0) of the first batch's first
-    few samples at `trajectory_points` times evenly spread along the chain."""
+    """`num_samples` samples in batches (batch i seeded by `batch_seed(seed, i)`, so the samples
+    are the same with any number of processes), and (t, x_t, predicted x_0) of the first batch's
+    first few samples at `trajectory_points` times evenly spread along the chain."""
     chain, eta_or_none = check_sampling(
         trained.diffusion, num_samples, batch_size, sampler, steps, eta
     )
     backbone = trained.backbone.to(device)
     chain = chain.to(device)
-    generator = torch.Generator().manual_seed(seed)
     shape = tuple(backbone.data_shape)
-    batches, trajectory = [], []
-    for start in range(0, num_samples, batch_size):
-        n = min(batch_size, num_samples - start)
+    starts = range(0, num_samples, batch_size)
+    rank, size = world()
+    if size > 1 and rank == 0:
+        log.info(f"sampling {len(starts)} batches on {size} processes")
+    done = []
+    for index, start in my_share(starts):  # every process its share, when torchrun started many
         x, marked = run_chain(
             chain,
             backbone,
-            (n, *shape),
-            generator,
+            (min(batch_size, num_samples - start), *shape),
+            torch.Generator().manual_seed(batch_seed(seed, index)),
             clip_denoised,
             eta_or_none,
             trajectory_points if start == 0 else 0,
             progress=True,
         )
-        batches.append(x.cpu())
-        trajectory = trajectory or marked
-    return torch.cat(batches), trajectory
+        done.append((index, (x.cpu(), marked)))
+    batches = gather_in_order(done)
+    return torch.cat([x for x, _ in batches]), batches[0][1]
 
 
 def run_chain(
@@ -145,6 +149,8 @@ def sample(cfg: DictConfig, output_dir: Path) -> Path:
         trajectory_points=10 if cfg.trajectory else 0,
         device=device,
     )
+    if world()[0] != 0:
+        return output_dir  # rank 0 writes
     datamodule = trained.datamodule()
     output_dir.mkdir(parents=True, exist_ok=True)
     if samples.ndim == 4:
