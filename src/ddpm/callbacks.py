@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from PIL import Image
 
+from ddpm.checks import check_int
 from ddpm.figures import image_grid, scatter_plot, schedule_figure, trajectory_figure
 from ddpm.sample import run_chain
 
@@ -48,15 +49,8 @@ class SampleGrid(pl.Callback):
     def __init__(
         self, dirpath: str, num_samples: int = 64, seed: int = 0, trajectory_every: int = 0
     ) -> None:
-        for key, value, minimum in (
-            ("num_samples", num_samples, 1),
-            ("trajectory_every", trajectory_every, 0),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(
-                    f"callbacks.samples.{key}={value!r} is invalid: "
-                    f"it must be an integer >= {minimum}."
-                )
+        check_int("callbacks.samples.num_samples", num_samples)
+        check_int("callbacks.samples.trajectory_every", trajectory_every, minimum=0)
         self.dirpath = Path(dirpath)
         self.num_samples = num_samples
         self.seed = seed

@@ -31,13 +31,14 @@ OmegaConf.register_new_resolver("short_dirname", short_dirname, replace=True)
 
 
 def launcher_setting(key: str, default: Any = None) -> Any:
-    """`${launcher:KEY,DEFAULT}`: hydra.launcher.KEY when the run's launcher has it (e.g. nodes
+    """`${launcher:KEY,DEFAULT}`: hydra.launcher.KEY when the run's launcher sets it (e.g. nodes
     and gpus_per_node under hydra/launcher=slurm), else DEFAULT."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return default
-    return HydraConfig.get().launcher.get(key, default)
+    value = HydraConfig.get().launcher.get(key)
+    return default if value is None else value
 
 
 OmegaConf.register_new_resolver("launcher", launcher_setting, replace=True)

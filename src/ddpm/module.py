@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from ddpm.checks import check_int
 from ddpm.diffusion import GaussianDiffusion
 
 log = logging.getLogger(__name__)
@@ -51,13 +52,9 @@ class DiffusionModule(pl.LightningModule):
         run_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(
-                f"model.warmup_steps={warmup_steps!r} is invalid: it must be an integer >= 0."
-            )
-        for key, value in (("val_bpd_every", val_bpd_every), ("val_bpd_batches", val_bpd_batches)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"model.{key}={value!r} is invalid: it must be an integer >= 0.")
+        check_int("model.warmup_steps", warmup_steps, minimum=0)
+        check_int("model.val_bpd_every", val_bpd_every, minimum=0)
+        check_int("model.val_bpd_batches", val_bpd_batches, minimum=0)
         if on_nan not in NAN_POLICIES:
             raise ValueError(f"model.on_nan={on_nan!r} is unknown: allowed are 'stop' and 'skip'.")
         self.num_validations = 0  # completed validations, for val_bpd_every

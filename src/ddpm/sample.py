@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from ddpm.checkpoint import Trained, load_trained_for, pick_device
+from ddpm.checks import check_int
 from ddpm.cli import CONF_DIR, user_errors
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.distributed import batch_seed, gather_in_order, my_share, world
@@ -50,9 +51,8 @@ def check_sampling(
     eta: float,
 ) -> tuple[GaussianDiffusion, float | None]:
     """Check the sampling settings (one-sentence ValueErrors) and return `sampling_chain`'s."""
-    for key, value in (("num_samples", num_samples), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key}={value!r} is invalid: it must be an integer >= 1.")
+    check_int("num_samples", num_samples)
+    check_int("batch_size", batch_size)
     return sampling_chain(diffusion, sampler, steps, eta)
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm.backbones.embedding import timestep_embedding
+from ddpm.checks import check_int
 
 
 def _init(layer: nn.Conv2d | nn.Linear, zero: bool = False) -> nn.Module:
@@ -194,8 +195,7 @@ def _check_unet(
         "base_channels": base_channels,
         "num_res_blocks": num_res_blocks,
     }.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"backbone.{key}={value!r} is invalid: it must be an integer >= 1.")
+        check_int(f"backbone.{key}", value)
     if not channel_mult or any(not isinstance(m, int) or m < 1 for m in channel_mult):
         raise ValueError(
             f"backbone.channel_mult={list(channel_mult)} is invalid: it must be a non-empty list "

@@ -11,13 +11,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from ddpm.checks import check_int
+
 SPLITS = ("train", "val", "test")
-
-
-def check_positive_int(key: str, value: Any, minimum: int = 1) -> None:
-    """A one-sentence ValueError unless `value` is an integer >= `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key}={value!r} is invalid: it must be an integer >= {minimum}.")
 
 
 class SplitDataset(Dataset):
@@ -73,8 +69,8 @@ class TensorDataModule(pl.LightningDataModule):
 
     def __init__(self, batch_size: int, num_workers: int = 0, hflip: bool = False) -> None:
         super().__init__()
-        check_positive_int("data.batch_size", batch_size)
-        check_positive_int("data.num_workers", num_workers, minimum=0)
+        check_int("data.batch_size", batch_size)
+        check_int("data.num_workers", num_workers, minimum=0)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.hflip = bool(hflip)

@@ -9,7 +9,8 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from ddpm.data.base import TensorDataModule, check_positive_int
+from ddpm.checks import check_int
+from ddpm.data.base import TensorDataModule
 
 MODES = {1: "L", 3: "RGB"}
 
@@ -33,7 +34,7 @@ class ImageFolderDataModule(TensorDataModule):
         batch_size: int = 128,
         num_workers: int = 0,
     ) -> None:
-        check_positive_int("data.image_size", image_size)
+        check_int("data.image_size", image_size)
         if channels not in MODES:
             raise ValueError(
                 f"data.channels={channels!r} is invalid for data=image_folder: allowed are 1 "

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 import torchvision
 
-from ddpm.data.base import TensorDataModule, check_positive_int
+from ddpm.checks import check_int
+from ddpm.data.base import TensorDataModule
 
 
 class TorchvisionDataModule(TensorDataModule):
@@ -44,7 +45,7 @@ class TorchvisionDataModule(TensorDataModule):
                 f"data={self.name}: its images are {size}x{size} with {channels_} channel(s) "
                 f"(allowed: image_size={size}, channels={channels_})."
             )
-        check_positive_int("data.val_size", val_size, minimum=0)
+        check_int("data.val_size", val_size, minimum=0)
         super().__init__(batch_size, num_workers, hflip)
         self.root, self.download = Path(root), bool(download)
         self.val_size, self.split_seed = val_size, split_seed
