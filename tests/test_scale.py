@@ -25,6 +25,22 @@ def test_slurm_launcher_gives_one_task_per_gpu_and_sets_the_trainer(compose_cfg)
     assert (local.trainer.num_nodes, local.trainer.devices) == (1, -1)
 
 
+def test_a_job_runs_through_the_submitit_launcher(tmp_path: Path) -> None:
+    """hydra/launcher=slurm is hydra-submitit-launcher's SLURM launcher; its local twin runs the
+    same pickled job in a subprocess here, where no SLURM cluster is."""
+    args = ["-m", *FAST, "hydra/launcher=submitit_local", "logger=none"]
+    result = run_train([*args, f"paths.log_dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = only_one(list((tmp_path / "train" / "multirun").glob("*/0_*")))
+    assert torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert list(job.parent.glob(".submitit/*/*_log.out"))
+
+
+def only_one(items: list) -> object:
+    assert len(items) == 1, items
+    return items[0]
+
+
 def test_ddp_inside_a_local_multirun_is_refused(tmp_path: Path) -> None:
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
     result = run_train(["-m", *FAST, *ddp, f"paths.log_dir={tmp_path}"], cwd=tmp_path)
