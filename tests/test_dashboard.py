@@ -28,7 +28,8 @@ def test_loss_quarters_are_window_means_per_quarter(compose_cfg) -> None:
         module._trainer = SimpleNamespace(log_every_n_steps=3, global_step=step)
         losses, t = torch.rand(50, generator=g), torch.randint(0, 100, (50,), generator=g)
         all_losses.append(losses), all_t.append(t)
-        module._log_loss_quarters(losses, t)
+        module._add_to_quarters(losses, t)
+    module._log_quarters()
     losses, t = torch.cat(all_losses).double().numpy(), torch.cat(all_t).numpy()
     for q in range(4):  # quarter q holds t in [25q, 25q + 25)
         in_q = (t >= 25 * q) & (t < 25 * (q + 1))
@@ -72,3 +73,35 @@ def test_schedule_figure_draws_both_variances() -> None:
     image = schedule_figure(diffusion, "cosine")
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
     assert image.shape[1] > 2 * image.shape[0]  # three panels side by side
+
+
+def test_ema_callback_is_the_exponential_average_of_the_weights() -> None:
+    """Our EMA (torch's foreach form) against the recurrence in float64: ema_0 = w_0, then
+    ema_k = decay * ema_{k-1} + (1 - decay) * w_k."""
+    import lightning.pytorch as pl
+
+    from ddpm.callbacks import EMA
+
+    class Net(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 2)
+
+    net = Net()
+    callback = EMA(decay=0.9, use_buffers=False)
+    callback.setup(SimpleNamespace(), net, "fit")  # type: ignore[arg-type]
+    expected = [p.detach().double().clone() for p in net.parameters()]
+    callback._average_model.update_parameters(net)  # the first update copies the weights
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn(p.shape, generator=g))
+        callback._average_model.update_parameters(net)
+        expected = [
+            0.9 * e + 0.1 * p.detach().double()
+            for e, p in zip(expected, net.parameters(), strict=True)
+        ]
+    averaged = list(callback._average_model.module.parameters())
+    for got, want in zip(averaged, expected, strict=True):
+        assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-6)

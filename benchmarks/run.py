@@ -1,0 +1,403 @@
+"""Speed benchmarks, each a ratio measured side by side in this one process:
+
+1. overhead     our DiffusionModule under Lightning's Trainer vs a plain PyTorch loop
+                (same U-Net, batch, Adam, gradient clipping, EMA, data in memory)
+2. diffusers    a training step with diffusers' UNet2DModel + DDPMScheduler.add_noise vs ours
+                with our U-Net at the same size; ancestral sampling with DDPMScheduler vs our
+                sample_loop, both driving the same (diffusers) network
+3. utilisation  model FLOPs per step (torch.utils.flop_counter) / step time, against the
+                machine's measured matmul rate (float32 on the CPU, bf16 on a GPU)
+4. scaling      step time against batch size and image size; sampling time against steps
+
+    python benchmarks/run.py --device cpu --out results.json      # a few minutes on 2 cores
+    python benchmarks/run.py --device cuda --out results.json     # CIFAR-10 sizes
+
+Times are medians over `--repeats` after `--warmup` untimed repetitions. diffusers is optional
+(`pip install -e ".[bench]"`); without it, comparison 2 is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from ddpm.backbones import UNet
+from ddpm.callbacks import EMA
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.module import DiffusionModule
+from ddpm.schedules import make_beta_schedule
+
+
+@dataclass
+class Size:
+    """One problem size: images, batch, U-Net width, diffusion steps for sampling."""
+
+    image_size: int
+    channels: int
+    batch: int
+    base_channels: int
+    channel_mult: tuple[int, ...]
+    num_res_blocks: int
+    num_groups: int
+    attn: tuple[int, ...]
+    sample_batch: int
+    sample_steps: int
+
+
+SIZES = {
+    # digits-size (our default network) and a narrow CIFAR-shaped U-Net, for 2 CPU cores
+    "cpu": {
+        "digits": Size(8, 1, 128, 16, (1, 2, 2), 1, 8, (), 64, 50),
+        "cifar-narrow": Size(32, 3, 16, 32, (1, 2, 2, 2), 2, 8, (16,), 8, 20),
+    },
+    # the paper's CIFAR-10 network and batch
+    "cuda": {"cifar10": Size(32, 3, 128, 128, (1, 2, 2, 2), 2, 32, (16,), 256, 100)},
+}
+EMA_DECAY = 0.9999
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], Any], warmup: int, repeats: int, device: str) -> float:
+    """Median seconds of `fn()` over `repeats` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def our_unet(size: Size) -> UNet:
+    return UNet(
+        in_channels=size.channels,
+        image_size=size.image_size,
+        base_channels=size.base_channels,
+        channel_mult=size.channel_mult,
+        num_res_blocks=size.num_res_blocks,
+        attn_resolutions=tuple(a for a in size.attn if a <= size.image_size),
+        dropout=0.1,
+        num_groups=size.num_groups,
+    )
+
+
+def diffusers_unet(size: Size) -> torch.nn.Module:
+    """diffusers' UNet2DModel laid out as the paper's CIFAR-10 network (google/ddpm-cifar10-32),
+    at this size's width."""
+    from diffusers import UNet2DModel
+
+    c = size.base_channels
+    return UNet2DModel(
+        sample_size=size.image_size,
+        in_channels=size.channels,
+        out_channels=size.channels,
+        block_out_channels=(c, 2 * c, 2 * c, 2 * c),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=2,
+        attention_head_dim=None,
+        norm_num_groups=size.num_groups,
+        dropout=0.1,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        norm_eps=1e-6,
+        downsample_padding=0,
+    )
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def data(size: Size, n_batches: int) -> torch.Tensor:
+    return (
+        torch.rand(size.batch * n_batches, size.channels, size.image_size, size.image_size) * 2 - 1
+    )
+
+
+def plain_loop_step_times(size: Size, device: str, warmup: int, repeats: int) -> list[float]:
+    """What a researcher writes by hand: the same U-Net, L_simple, Adam, clipping at 1.0 and an
+    EMA of the weights (torch._foreach_lerp_), over a DataLoader of in-memory images."""
+    torch.manual_seed(0)
+    net = our_unet(size).to(device)
+    ema = [p.detach().clone() for p in net.parameters()]
+    opt = torch.optim.Adam(net.parameters(), lr=2e-4)
+    abar = torch.cumprod(1 - make_beta_schedule("linear", 1000), 0).float().to(device)
+    loader = DataLoader(TensorDataset(data(size, warmup + repeats)), batch_size=size.batch)
+    times = []
+    for i, (x0,) in enumerate(loader):
+        sync(device)
+        start = time.perf_counter()
+        x0 = x0.to(device, non_blocking=True)
+        t = torch.randint(0, 1000, (x0.shape[0],), device=device)
+        noise = torch.randn_like(x0)
+        a = abar[t].view(-1, 1, 1, 1)
+        loss = F.mse_loss(net(a.sqrt() * x0 + (1 - a).sqrt() * noise, t), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, list(net.parameters()), 1 - EMA_DECAY)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+class StepTimer(pl.Callback):
+    """Wall time from each training batch's start to the next one's."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.starts = device, []
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        sync(self.device)
+        self.starts.append(time.perf_counter())
+
+    def on_train_end(self, *args: Any) -> None:
+        sync(self.device)
+        self.starts.append(time.perf_counter())
+
+
+def lightning_step_times(size: Size, device: str, warmup: int, repeats: int) -> list[float]:
+    """Our DiffusionModule under Lightning's Trainer, set up as conf/ sets it up: fused Adam
+    (model.optimizer) and our EMA callback."""
+    torch.manual_seed(0)
+    diffusion = GaussianDiffusion(make_beta_schedule("linear", 1000), "beta")
+    adam = functools.partial(torch.optim.Adam, lr=2e-4, fused=True)
+    module = DiffusionModule(our_unet(size), diffusion, adam)
+    timer = StepTimer(device)
+    trainer = pl.Trainer(
+        accelerator="gpu" if device.startswith("cuda") else "cpu",
+        devices=1,
+        max_steps=warmup + repeats,
+        gradient_clip_val=1.0,
+        callbacks=[EMA(decay=EMA_DECAY, use_buffers=False), timer],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        log_every_n_steps=50,
+    )
+    loader = DataLoader(TensorDataset(data(size, warmup + repeats)), batch_size=size.batch)
+    trainer.fit(module, train_dataloaders=loader)
+    steps = [b - a for a, b in zip(timer.starts, timer.starts[1:], strict=False)]
+    return steps[warmup:]
+
+
+def diffusers_training(
+    size: Size, device: str, warmup: int, repeats: int, rounds: int
+) -> dict[str, Any]:
+    """One training step (forward, L_simple, backward, Adam) with each library's U-Net and
+    noising: diffusers' UNet2DModel + DDPMScheduler.add_noise vs our UNet + training_loss."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    diffusion = GaussianDiffusion(make_beta_schedule("linear", 1000), "beta").to(device)
+    x0 = data(size, 1).to(device)
+    results: dict[str, Any] = {}
+    steps: dict[str, Callable[[], None]] = {}
+    params: dict[str, int] = {}
+    for name in ("diffusers", "ours"):
+        torch.manual_seed(0)
+        net = (diffusers_unet(size) if name == "diffusers" else our_unet(size)).to(device)
+        opt = torch.optim.Adam(net.parameters(), lr=2e-4)
+
+        def step(net: torch.nn.Module = net, opt: torch.optim.Optimizer = opt, name=name) -> None:
+            if name == "diffusers":
+                noise = torch.randn_like(x0)
+                t = torch.randint(0, 1000, (x0.shape[0],), device=device)
+                x_t = scheduler.add_noise(x0, noise, t)
+                loss = F.mse_loss(net(x_t, t).sample, noise)
+            else:
+                loss = diffusion.training_loss(net, x0).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        steps[name], params[name] = step, count(net)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):  # alternate, so that drifts of the machine's speed hit both alike
+        for name, step in steps.items():
+            times[name].append(median_time(step, warmup, repeats, device))
+    for name in steps:
+        seconds = statistics.median(times[name])
+        results[name] = {"params": params[name], "images_per_sec": size.batch / seconds}
+    results["ours_over_diffusers"] = (
+        results["ours"]["images_per_sec"] / results["diffusers"]["images_per_sec"]
+    )
+    return results
+
+
+def diffusers_sampling(size: Size, device: str, repeats: int) -> dict[str, Any]:
+    """Ancestral sampling of `sample_batch` images for `sample_steps` steps, both samplers driving
+    the same diffusers network: DDPMScheduler.step (what DDPMPipeline runs) vs our sample_loop."""
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(0)
+    net = diffusers_unet(size).to(device).eval()
+    K = size.sample_steps  # steps kept of a T = 1000 chain, by both samplers
+    shape = (size.sample_batch, size.channels, size.image_size, size.image_size)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+    diffusion = GaussianDiffusion(make_beta_schedule("linear", 1000), "beta").respace(K).to(device)
+
+    @torch.no_grad()
+    def theirs() -> None:
+        scheduler.set_timesteps(K)
+        x = torch.randn(shape, device=device)
+        for t in scheduler.timesteps:
+            x = scheduler.step(net(x, t).sample, t, x).prev_sample
+
+    @torch.no_grad()
+    def ours() -> None:
+        diffusion.sample_loop(lambda x, t: net(x, t).sample, shape, clip_denoised=True)
+
+    theirs(), ours()  # warm-up
+
+    times: dict[str, list[float]] = {"diffusers": [], "ours": []}
+    for _ in range(repeats):  # alternate, one chain each
+        times["diffusers"].append(median_time(theirs, 0, 1, device))
+        times["ours"].append(median_time(ours, 0, 1, device))
+    seconds = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "steps": K,
+        "images": size.sample_batch,
+        "seconds": seconds,
+        "ours_over_diffusers_speed": seconds["diffusers"] / seconds["ours"],
+    }
+
+
+def matmul_rate(device: str) -> float:
+    """FLOP/s of a large matmul (float32 on the CPU, bf16 on a GPU): a practical peak."""
+    n = 2048 if device == "cpu" else 8192
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    seconds = median_time(lambda: a @ b, 2, 5, device)
+    return 2 * n**3 / seconds
+
+
+def training_flops(size: Size) -> int:
+    """FLOPs of one forward and backward pass of our U-Net on a batch (counted on the CPU)."""
+    net = our_unet(size)
+    x = torch.randn(size.batch, size.channels, size.image_size, size.image_size)
+    t = torch.randint(0, 1000, (size.batch,))
+    with FlopCounterMode(display=False) as counter:
+        net(x, t).square().mean().backward()
+    return counter.get_total_flops()
+
+
+def scaling(size: Size, device: str, warmup: int, repeats: int) -> dict[str, Any]:
+    """Plain-loop step time against batch size and image size, our sampling time against steps."""
+    by_batch = {}
+    for batch in (size.batch // 2, size.batch, size.batch * 2):
+        s = Size(**{**size.__dict__, "batch": batch})
+        by_batch[batch] = statistics.median(plain_loop_step_times(s, device, warmup, repeats))
+    by_image = {}
+    for image_size in (size.image_size // 2, size.image_size, size.image_size * 2):
+        s = Size(**{**size.__dict__, "image_size": image_size})
+        by_image[image_size] = statistics.median(plain_loop_step_times(s, device, warmup, repeats))
+    net = our_unet(size).to(device).eval()
+    shape = (size.sample_batch, size.channels, size.image_size, size.image_size)
+    base = GaussianDiffusion(make_beta_schedule("linear", 1000), "beta")
+    by_steps = {}
+    for steps in (size.sample_steps // 2, size.sample_steps, size.sample_steps * 2):
+        chain = base.respace(steps).to(device)
+        by_steps[steps] = median_time(
+            lambda chain=chain: chain.sample_loop(net, shape), 1, max(1, repeats // 5), device
+        )
+    return {
+        "step_seconds_by_batch": by_batch,
+        "step_seconds_by_image_size": by_image,
+        "sampling_seconds_by_steps": by_steps,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--out", default="results.json")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the contenders")
+    args = parser.parse_args()
+    device = args.device
+    torch.set_float32_matmul_precision("high")
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "sizes": {},
+    }
+    peak = matmul_rate(device)
+    results["matmul_flops_per_sec"] = peak
+    rows = []
+    for name, size in SIZES[device].items():
+        out: dict[str, Any] = {"size": size.__dict__}
+        # Alternate the two in rounds so that drifts of the machine's speed hit both alike.
+        plain_times, our_times = [], []
+        for _ in range(args.rounds):
+            plain_times += plain_loop_step_times(size, device, args.warmup, args.repeats)
+            our_times += lightning_step_times(size, device, args.warmup, args.repeats)
+        plain, ours = statistics.median(plain_times), statistics.median(our_times)
+        out["overhead"] = {"plain_seconds": plain, "lightning_seconds": ours, "ratio": ours / plain}
+        rows.append((name, "overhead: ours (Lightning) / plain step time", ours / plain))
+        flops = training_flops(size)
+        out["utilisation"] = {
+            "flops_per_step": flops,
+            "achieved_flops_per_sec": flops / ours,
+            "fraction_of_matmul_rate": flops / ours / peak,
+        }
+        rows.append((name, "utilisation: model FLOP/s / matmul FLOP/s", flops / ours / peak))
+        try:
+            import diffusers  # noqa: F401
+        except ImportError:
+            print("diffusers is not installed: comparison 2 skipped (pip install -e '.[bench]')")
+        else:
+            if size.image_size == 32:
+                train = diffusers_training(size, device, args.warmup, args.repeats, args.rounds)
+                sample = diffusers_sampling(size, device, max(3, args.repeats // 3))
+                out["diffusers"] = {"training": train, "sampling": sample}
+                rows.append(
+                    (name, "training: ours / diffusers images/s", train["ours_over_diffusers"])
+                )
+                rows.append(
+                    (
+                        name,
+                        "sampling: diffusers / ours seconds",
+                        sample["ours_over_diffusers_speed"],
+                    )
+                )
+        out["scaling"] = scaling(size, device, args.warmup, max(3, args.repeats // 2))
+        results["sizes"][name] = out
+    print(f"\n{'size':<14} {'comparison':<48} {'ratio':>8}")
+    for name, what, ratio in rows:
+        print(f"{name:<14} {what:<48} {ratio:8.3f}")
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
