@@ -181,11 +181,11 @@ class StepTimer(pl.Callback):
 
 
 def lightning_step_times(size: Size, device: str, warmup: int, repeats: int) -> list[float]:
-    """Our DiffusionModule under Lightning's Trainer, set up as conf/ sets it up: fused Adam
+    """Our DiffusionModule under Lightning's Trainer, set up as conf/ sets it up: foreach Adam
     (model.optimizer) and our EMA callback."""
     torch.manual_seed(0)
     diffusion = GaussianDiffusion(make_beta_schedule("linear", 1000), "beta")
-    adam = functools.partial(torch.optim.Adam, lr=2e-4, fused=True)
+    adam = functools.partial(torch.optim.Adam, lr=2e-4, foreach=True)
     module = DiffusionModule(our_unet(size), diffusion, adam)
     timer = StepTimer(device)
     trainer = pl.Trainer(
