@@ -3,13 +3,13 @@
 import hydra
 from omegaconf import DictConfig
 
-from ddpm.train import train
+from ddpm.train import optimized_value, train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the final `optimized_metric` (what a sweeper optimises)."""
-    return train(cfg).get(cfg.optimized_metric)
+    return optimized_value(cfg, train(cfg))
 
 
 if __name__ == "__main__":

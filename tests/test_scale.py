@@ -106,3 +106,17 @@ def test_compile_refuses_a_bad_value(compose_cfg, capsys) -> None:
     with pytest.raises(SystemExit):
         train(compose_cfg([*FAST, "compile=fast"]))
     assert "compile='fast' is invalid: allowed are true, false or a dict" in capsys.readouterr().err
+
+
+def test_an_optimized_metric_the_run_never_logged_is_one_sentence(compose_cfg, capsys) -> None:
+    from ddpm.train import optimized_value
+
+    cfg = compose_cfg([*FAST, "optimized_metric=val/fid"])
+    assert optimized_value(cfg, {"val/fid": 3.0, "val/loss": 1.0}) == 3.0
+    with pytest.raises(SystemExit):
+        optimized_value(cfg, {"val/loss": 1.0, "train/loss": 2.0})
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "Error: optimized_metric='val/fid' was not logged by this run: allowed are "
+        "train/loss, val/loss."
+    )

@@ -18,7 +18,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from ddpm.checks import check_int
 from ddpm.figures import image_grid, scatter_plot, schedule_figure, trajectory_figure
-from ddpm.sample import run_chain
+from ddpm.module import is_logged_step
 
 
 def log_image(trainer: pl.Trainer, key: str, image: np.ndarray) -> None:
@@ -73,18 +73,8 @@ class SampleGrid(pl.Callback):
             return
         every = self.trajectory_every
         points = 10 if every and (self.validations - 1) % every == 0 else 0
-        backbone, was_training = pl_module.backbone, pl_module.backbone.training
-        backbone.eval()
-        with torch.no_grad():
-            samples, trajectory = run_chain(
-                pl_module.diffusion,
-                backbone,
-                (self.num_samples, *backbone.data_shape),
-                torch.Generator().manual_seed(self.seed),
-                pl_module.hparams.clip_denoised,
-                trajectory_points=points,
-            )
-        backbone.train(was_training)
+        generator = torch.Generator().manual_seed(self.seed)
+        samples, trajectory = pl_module.sample_with_trajectory(self.num_samples, generator, points)
         step = trainer.global_step
         if samples.ndim == 4:
             image = image_grid(samples)
@@ -140,7 +130,7 @@ class Throughput(pl.Callback):
         if self.started is None:
             return
         self.images += len(batch[0]) * trainer.world_size
-        if trainer.global_step % trainer.log_every_n_steps == 0:  # a step Lightning logs
+        if is_logged_step(trainer, trainer.global_step - 1):  # the step just done
             rate = self.images / (time.perf_counter() - self.started)
             pl_module.log("train/images_per_sec", rate, rank_zero_only=True)
             self.started = None

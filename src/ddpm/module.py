@@ -14,6 +14,7 @@ from torch import nn
 
 from ddpm.checks import check_int
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.sample import Trajectory, run_chain
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,12 @@ NAN_POLICIES = ("stop", "skip")
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the message says where."""
+
+
+def is_logged_step(trainer: pl.Trainer, step: int) -> bool:
+    """Whether Lightning writes the values logged in training step `step` (0-based) to the
+    loggers: every `log_every_n_steps`-th step, counting from 1."""
+    return (step + 1) % trainer.log_every_n_steps == 0
 
 
 def linear_warmup(warmup_steps: int, step: int) -> float:
@@ -101,7 +108,7 @@ class DiffusionModule(pl.LightningModule):
 
     def _logs_now(self) -> bool:
         """Whether Lightning sends this training step's logged values to the loggers."""
-        return (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+        return is_logged_step(self.trainer, self.global_step)
 
     def _add_to_quarters(self, losses: torch.Tensor, t: torch.Tensor) -> None:
         """Add the batch to the sums and counts of L_simple per quarter of [0, T), on the device
@@ -171,17 +178,26 @@ class DiffusionModule(pl.LightningModule):
         loss = self._fixed_noise_loss(batch[0], batch_idx)
         self.log("test/loss", loss, sync_dist=True, batch_size=batch[0].shape[0])
 
-    @torch.no_grad()
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw `num_samples` examples with the ancestral sampler (Algorithm 2)."""
+        return self.sample_with_trajectory(num_samples, generator)[0]
+
+    @torch.no_grad()
+    def sample_with_trajectory(
+        self, num_samples: int, generator: torch.Generator | None = None, points: int = 0
+    ) -> tuple[torch.Tensor, Trajectory]:
+        """Samples, and (t, x_t, predicted x_0) of the first few at `points` times along the
+        chain (`ddpm.sample.run_chain`), with the backbone in eval mode."""
         was_training = self.backbone.training
         self.backbone.eval()
         try:
-            return self.diffusion.sample_loop(
+            return run_chain(
+                self.diffusion,
                 self.backbone,
                 (num_samples, *self.backbone.data_shape),
-                generator=generator,
-                clip_denoised=self.hparams.clip_denoised,
+                generator,
+                self.hparams.clip_denoised,
+                trajectory_points=points,
             )
         finally:
             self.backbone.train(was_training)

@@ -163,3 +163,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items()}
     log.info("final metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
     return metrics
+
+
+def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float:
+    """The final value of `optimized_metric`, what train.py returns to a sweeper."""
+    key = cfg.get("optimized_metric", "val/loss")
+    if key not in metrics:
+        with user_errors():
+            raise ValueError(
+                f"optimized_metric={key!r} was not logged by this run: allowed are "
+                f"{', '.join(sorted(metrics))}."
+            )
+    return metrics[key]
