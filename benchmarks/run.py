@@ -74,18 +74,43 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def timed(fn: Callable[[], Any], device: str) -> float:
+    """Seconds of one call of `fn`."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def median_time(fn: Callable[[], Any], warmup: int, repeats: int, device: str) -> float:
     """Median seconds of `fn()` over `repeats` calls after `warmup` calls."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(fn, device) for _ in range(repeats))
+
+
+def paired(
+    contenders: dict[str, Callable[[], Any]], warmup: int, repeats: int, device: str
+) -> dict[str, list[float]]:
+    """Seconds per call of each contender, called in turn (ABBA order) so that each pair of
+    times is taken under the same conditions of a shared machine."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    items = list(contenders.items())
+    for i in range(repeats):
+        for name, fn in items if i % 2 == 0 else reversed(items):
+            times[name].append(timed(fn, device))
+    return times
+
+
+def ratio_of_pairs(numerator: list[float], denominator: list[float]) -> dict[str, float]:
+    """The median and quartiles of the per-pair ratios numerator[i] / denominator[i]."""
+    ratios = sorted(a / b for a, b in zip(numerator, denominator, strict=True))
+    q1, median, q3 = statistics.quantiles(ratios, n=4)
+    return {"ratio": median, "q1": q1, "q3": q3, "pairs": len(ratios)}
 
 
 def our_unet(size: Size) -> UNet:
@@ -135,19 +160,24 @@ def data(size: Size, n_batches: int) -> torch.Tensor:
     )
 
 
-def plain_loop_step_times(size: Size, device: str, warmup: int, repeats: int) -> list[float]:
+def loader(size: Size, n_batches: int) -> DataLoader:
+    """In-memory images, as a DataLoader over a TensorDataset."""
+    return DataLoader(TensorDataset(data(size, n_batches)), batch_size=size.batch)
+
+
+def plain_loop(size: Size, device: str, n_batches: int) -> Callable[[], None]:
     """What a researcher writes by hand: the same U-Net, L_simple, Adam, clipping at 1.0 and an
-    EMA of the weights (torch._foreach_lerp_), over a DataLoader of in-memory images."""
+    EMA of the weights (torch._foreach_lerp_), over a DataLoader of in-memory images. Each call
+    fetches the next batch and takes one step."""
     torch.manual_seed(0)
     net = our_unet(size).to(device)
     ema = [p.detach().clone() for p in net.parameters()]
-    opt = torch.optim.Adam(net.parameters(), lr=2e-4)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-4, foreach=True)
     abar = torch.cumprod(1 - make_beta_schedule("linear", 1000), 0).float().to(device)
-    loader = DataLoader(TensorDataset(data(size, warmup + repeats)), batch_size=size.batch)
-    times = []
-    for i, (x0,) in enumerate(loader):
-        sync(device)
-        start = time.perf_counter()
+    batches = iter(loader(size, n_batches))
+
+    def step() -> None:
+        (x0,) = next(batches)
         x0 = x0.to(device, non_blocking=True)
         t = torch.randint(0, 1000, (x0.shape[0],), device=device)
         noise = torch.randn_like(x0)
@@ -159,41 +189,58 @@ def plain_loop_step_times(size: Size, device: str, warmup: int, repeats: int) ->
         opt.step()
         with torch.no_grad():
             torch._foreach_lerp_(ema, list(net.parameters()), 1 - EMA_DECAY)
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+
+    return step
 
 
-class StepTimer(pl.Callback):
-    """Wall time from each training batch's start to the next one's."""
+def plain_loop_step_times(size: Size, device: str, warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` plain-loop steps after `warmup` steps."""
+    step = plain_loop(size, device, warmup + repeats)
+    for _ in range(warmup):
+        step()
+    return [timed(step, device) for _ in range(repeats)]
 
-    def __init__(self, device: str) -> None:
-        self.device, self.starts = device, []
+
+class Interleaved(pl.Callback):
+    """Runs one plain-loop step before each of Lightning's training steps and times both: ours
+    from one `on_train_batch_start` to the next (Lightning's hooks, our training step, the
+    optimizer, the EMA callback and the next batch's fetch), the plain one with its own fetch."""
+
+    def __init__(self, plain_step: Callable[[], None], device: str) -> None:
+        self.plain_step, self.device = plain_step, device
+        self.times: dict[str, list[float]] = {"plain": [], "ours": []}
+        self.start: float | None = None
+
+    def _lap(self) -> None:
+        sync(self.device)
+        if self.start is not None:
+            self.times["ours"].append(time.perf_counter() - self.start)
 
     def on_train_batch_start(self, *args: Any) -> None:
-        sync(self.device)
-        self.starts.append(time.perf_counter())
+        self._lap()
+        self.times["plain"].append(timed(self.plain_step, self.device))
+        self.start = time.perf_counter()
 
     def on_train_end(self, *args: Any) -> None:
-        sync(self.device)
-        self.starts.append(time.perf_counter())
+        self._lap()
 
 
-def lightning_step_times(size: Size, device: str, warmup: int, repeats: int) -> list[float]:
-    """Our DiffusionModule under Lightning's Trainer, set up as conf/ sets it up: foreach Adam
-    (model.optimizer) and our EMA callback."""
+def overhead(size: Size, device: str, warmup: int, repeats: int) -> dict[str, Any]:
+    """Our DiffusionModule under Lightning's Trainer, set up as conf/ sets it up (foreach Adam,
+    our EMA callback, clipping, logging every 50 steps), against the plain loop, one step of
+    each in turn within one `fit`."""
+    steps = warmup + repeats
+    interleaved = Interleaved(plain_loop(size, device, steps), device)
     torch.manual_seed(0)
     diffusion = GaussianDiffusion(make_beta_schedule("linear", 1000), "beta")
     adam = functools.partial(torch.optim.Adam, lr=2e-4, foreach=True)
     module = DiffusionModule(our_unet(size), diffusion, adam)
-    timer = StepTimer(device)
     trainer = pl.Trainer(
         accelerator="gpu" if device.startswith("cuda") else "cpu",
         devices=1,
-        max_steps=warmup + repeats,
+        max_steps=steps,
         gradient_clip_val=1.0,
-        callbacks=[EMA(decay=EMA_DECAY, use_buffers=False), timer],
+        callbacks=[EMA(decay=EMA_DECAY, use_buffers=False), interleaved],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -201,15 +248,16 @@ def lightning_step_times(size: Size, device: str, warmup: int, repeats: int) -> 
         limit_val_batches=0,
         log_every_n_steps=50,
     )
-    loader = DataLoader(TensorDataset(data(size, warmup + repeats)), batch_size=size.batch)
-    trainer.fit(module, train_dataloaders=loader)
-    steps = [b - a for a, b in zip(timer.starts, timer.starts[1:], strict=False)]
-    return steps[warmup:]
+    trainer.fit(module, train_dataloaders=loader(size, steps))
+    plain, ours = (interleaved.times[k][warmup:] for k in ("plain", "ours"))
+    return {
+        "plain_seconds": statistics.median(plain),
+        "lightning_seconds": statistics.median(ours),
+        **ratio_of_pairs(ours, plain),
+    }
 
 
-def diffusers_training(
-    size: Size, device: str, warmup: int, repeats: int, rounds: int
-) -> dict[str, Any]:
+def diffusers_training(size: Size, device: str, warmup: int, repeats: int) -> dict[str, Any]:
     """One training step (forward, L_simple, backward, Adam) with each library's U-Net and
     noising: diffusers' UNet2DModel + DDPMScheduler.add_noise vs our UNet + training_loss."""
     from diffusers import DDPMScheduler
@@ -217,13 +265,12 @@ def diffusers_training(
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     diffusion = GaussianDiffusion(make_beta_schedule("linear", 1000), "beta").to(device)
     x0 = data(size, 1).to(device)
-    results: dict[str, Any] = {}
     steps: dict[str, Callable[[], None]] = {}
     params: dict[str, int] = {}
     for name in ("diffusers", "ours"):
         torch.manual_seed(0)
         net = (diffusers_unet(size) if name == "diffusers" else our_unet(size)).to(device)
-        opt = torch.optim.Adam(net.parameters(), lr=2e-4)
+        opt = torch.optim.Adam(net.parameters(), lr=2e-4, foreach=True)
 
         def step(net: torch.nn.Module = net, opt: torch.optim.Optimizer = opt, name=name) -> None:
             if name == "diffusers":
@@ -238,27 +285,39 @@ def diffusers_training(
             opt.step()
 
         steps[name], params[name] = step, count(net)
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):  # alternate, so that drifts of the machine's speed hit both alike
-        for name, step in steps.items():
-            times[name].append(median_time(step, warmup, repeats, device))
-    for name in steps:
-        seconds = statistics.median(times[name])
-        results[name] = {"params": params[name], "images_per_sec": size.batch / seconds}
-    results["ours_over_diffusers"] = (
-        results["ours"]["images_per_sec"] / results["diffusers"]["images_per_sec"]
-    )
-    return results
+    times = paired(steps, warmup, repeats, device)
+    return {
+        **{
+            name: {"params": params[name], "images_per_sec": size.batch / statistics.median(t)}
+            for name, t in times.items()
+        },
+        # images/s ours over theirs: their seconds over ours
+        **ratio_of_pairs(times["diffusers"], times["ours"]),
+    }
 
 
-def diffusers_sampling(size: Size, device: str, repeats: int) -> dict[str, Any]:
-    """Ancestral sampling of `sample_batch` images for `sample_steps` steps, both samplers driving
-    the same diffusers network: DDPMScheduler.step (what DDPMPipeline runs) vs our sample_loop."""
+def diffusers_sampling(
+    size: Size, device: str, repeats: int, network: str = "unet"
+) -> dict[str, Any]:
+    """Ancestral sampling of `sample_batch` images for `sample_steps` steps of a T = 1000 chain,
+    both samplers driving the same network: DDPMScheduler.step (what DDPMPipeline runs) vs our
+    sample_loop. `network="unet"` is diffusers' U-Net; `"none"` returns its input scaled, so
+    that only the samplers' own work is timed."""
     from diffusers import DDPMScheduler
 
     torch.manual_seed(0)
-    net = diffusers_unet(size).to(device).eval()
-    K = size.sample_steps  # steps kept of a T = 1000 chain, by both samplers
+    if network == "unet":
+        unet = diffusers_unet(size).to(device).eval()
+
+        def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return unet(x, t).sample
+
+    else:
+
+        def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return 0.5 * x
+
+    K = size.sample_steps if network == "unet" else 1000
     shape = (size.sample_batch, size.channels, size.image_size, size.image_size)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
     diffusion = GaussianDiffusion(make_beta_schedule("linear", 1000), "beta").respace(K).to(device)
@@ -268,24 +327,19 @@ def diffusers_sampling(size: Size, device: str, repeats: int) -> dict[str, Any]:
         scheduler.set_timesteps(K)
         x = torch.randn(shape, device=device)
         for t in scheduler.timesteps:
-            x = scheduler.step(net(x, t).sample, t, x).prev_sample
+            x = scheduler.step(net(x, t), t, x).prev_sample
 
     @torch.no_grad()
     def ours() -> None:
-        diffusion.sample_loop(lambda x, t: net(x, t).sample, shape, clip_denoised=True)
+        diffusion.sample_loop(net, shape, clip_denoised=True)
 
-    theirs(), ours()  # warm-up
-
-    times: dict[str, list[float]] = {"diffusers": [], "ours": []}
-    for _ in range(repeats):  # alternate, one chain each
-        times["diffusers"].append(median_time(theirs, 0, 1, device))
-        times["ours"].append(median_time(ours, 0, 1, device))
-    seconds = {name: statistics.median(values) for name, values in times.items()}
+    times = paired({"diffusers": theirs, "ours": ours}, 1, repeats, device)
     return {
         "steps": K,
         "images": size.sample_batch,
-        "seconds": seconds,
-        "ours_over_diffusers_speed": seconds["diffusers"] / seconds["ours"],
+        "seconds": {name: statistics.median(t) for name, t in times.items()},
+        # speed ours over theirs: their seconds over ours
+        **ratio_of_pairs(times["diffusers"], times["ours"]),
     }
 
 
@@ -344,15 +398,22 @@ def cpu_name() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
+def row(rows: list, size: str, what: str, result: dict[str, float]) -> None:
+    rows.append((size, what, result["ratio"], result["q1"], result["q3"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", default="results.json")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3, help="alternations of the contenders")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=40, help="pairs of training steps")
+    parser.add_argument("--chains", type=int, default=10, help="pairs of sampling chains")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args()
     device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("high")
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if device == "cuda" else cpu_name(),
@@ -362,48 +423,42 @@ def main() -> None:
     }
     peak = matmul_rate(device)
     results["matmul_flops_per_sec"] = peak
-    rows = []
+    rows: list[tuple[str, str, float, float, float]] = []
     for name, size in SIZES[device].items():
         out: dict[str, Any] = {"size": size.__dict__}
-        # Alternate the two in rounds so that drifts of the machine's speed hit both alike.
-        plain_times, our_times = [], []
-        for _ in range(args.rounds):
-            plain_times += plain_loop_step_times(size, device, args.warmup, args.repeats)
-            our_times += lightning_step_times(size, device, args.warmup, args.repeats)
-        plain, ours = statistics.median(plain_times), statistics.median(our_times)
-        out["overhead"] = {"plain_seconds": plain, "lightning_seconds": ours, "ratio": ours / plain}
-        rows.append((name, "overhead: ours (Lightning) / plain step time", ours / plain))
+        out["overhead"] = overhead(size, device, args.warmup, args.repeats)
+        row(rows, name, "overhead: ours (Lightning) / plain step time", out["overhead"])
         flops = training_flops(size)
+        achieved = flops / out["overhead"]["lightning_seconds"]
         out["utilisation"] = {
             "flops_per_step": flops,
-            "achieved_flops_per_sec": flops / ours,
-            "fraction_of_matmul_rate": flops / ours / peak,
+            "achieved_flops_per_sec": achieved,
+            "fraction_of_matmul_rate": achieved / peak,
         }
-        rows.append((name, "utilisation: model FLOP/s / matmul FLOP/s", flops / ours / peak))
+        rows.append((name, "utilisation: model FLOP/s / matmul FLOP/s", achieved / peak, 0, 0))
         try:
             import diffusers  # noqa: F401
         except ImportError:
             print("diffusers is not installed: comparison 2 skipped (pip install -e '.[bench]')")
         else:
             if size.image_size == 32:
-                train = diffusers_training(size, device, args.warmup, args.repeats, args.rounds)
-                sample = diffusers_sampling(size, device, max(3, args.repeats // 3))
-                out["diffusers"] = {"training": train, "sampling": sample}
-                rows.append(
-                    (name, "training: ours / diffusers images/s", train["ours_over_diffusers"])
-                )
-                rows.append(
-                    (
-                        name,
-                        "sampling: diffusers / ours seconds",
-                        sample["ours_over_diffusers_speed"],
-                    )
-                )
-        out["scaling"] = scaling(size, device, args.warmup, max(3, args.repeats // 2))
+                out["diffusers"] = {
+                    "training": diffusers_training(size, device, args.warmup, args.repeats),
+                    "sampling": diffusers_sampling(size, device, args.chains),
+                    "sampler_alone": diffusers_sampling(size, device, args.chains, "none"),
+                }
+                for key, what in (
+                    ("training", "training: ours / diffusers images/s"),
+                    ("sampling", "sampling: diffusers / ours seconds"),
+                    ("sampler_alone", "sampler alone (no network): diffusers / ours"),
+                ):
+                    row(rows, name, what, out["diffusers"][key])
+        out["scaling"] = scaling(size, device, args.warmup, max(3, args.repeats // 4))
         results["sizes"][name] = out
-    print(f"\n{'size':<14} {'comparison':<48} {'ratio':>8}")
-    for name, what, ratio in rows:
-        print(f"{name:<14} {what:<48} {ratio:8.3f}")
+    print(f"\n{'size':<14} {'comparison':<48} {'ratio':>7} {'quartiles':>15}")
+    for name, what, ratio, q1, q3 in rows:
+        spread = f"{q1:6.3f}-{q3:.3f}" if q3 else ""
+        print(f"{name:<14} {what:<48} {ratio:7.3f} {spread:>15}")
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     print(f"\nwritten to {args.out}")
