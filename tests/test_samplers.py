@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.diffusion import GaussianDiffusion
+from ddpm.diffusion import GaussianDiffusion, normal_draws
 from ddpm.schedules import make_beta_schedule
 
 T = 50
@@ -103,3 +103,59 @@ def test_fast_samplers_recover_a_point_mass(sampler: str) -> None:
         eta = float(sampler[-1])
         out = r.ddim_sample_loop(eps_star, (6, 2), eta=eta, generator=g, clip_denoised=False)
     torch.testing.assert_close(out, c.expand(6, 2), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize(
+    ("schedule", "variance", "eta", "steps"),
+    [
+        ("linear", "beta", None, None),
+        ("cosine", "tilde_beta", None, 10),
+        ("linear", "beta", 0.0, 10),
+        ("cosine", "beta", 0.5, None),
+        ("linear", "tilde_beta", 1.0, 10),
+    ],
+)
+def test_each_sampling_step_is_the_per_example_step_in_float64(
+    schedule: str, variance: str, eta: float | None, steps: int | None, clip: bool
+) -> None:
+    """sample_steps takes each step with Python-number coefficients; each of its steps must equal
+    p_sample (eta None) or ddim_sample, evaluated per example in float64 on the same x_t, eps and
+    noise (the generator's draws: x_T, then one per step)."""
+    d = GaussianDiffusion(make_beta_schedule(schedule, T), variance)
+    chain = d.respace(steps) if steps else d
+    shape = (6, 3)
+    inputs: list[torch.Tensor] = []
+
+    def recording(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        inputs.append(x)  # not a copy: each step's x must be a tensor of its own
+        return noisy_model(x, t)
+
+    out = list(
+        chain.sample_steps(recording, shape, torch.Generator().manual_seed(4), clip, eta=eta)
+    )
+    draws = torch.Generator().manual_seed(4)
+    assert torch.equal(inputs[0], torch.randn(shape, generator=draws))
+    for (i, x_prev, pred_x0), x in zip(out, inputs, strict=True):
+        x64, t = x.double(), torch.full((shape[0],), i)
+        eps = noisy_model(x64, chain.timestep_map[t])
+        noise = torch.randn(shape, generator=draws).double()
+        if eta is None:
+            want = chain.p_sample(eps, x64, t, noise, clip)
+        else:
+            want = chain.ddim_sample(eps, x64, t, noise, eta, clip)
+        want_x0 = chain.predict_x0_from_eps(x64, t, eps)
+        want_x0 = want_x0.clamp(-1, 1) if clip else want_x0
+        scale = 1 + want_x0.abs().max()  # pred_x0 = a x - b eps cancels: a is ~1/sqrt(abar_T)
+        torch.testing.assert_close(pred_x0.double(), want_x0, rtol=1e-5, atol=1e-6 * scale)
+        torch.testing.assert_close(x_prev.double(), want, rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_normal_draws_reuse_one_tensor_and_follow_the_generator() -> None:
+    draws = normal_draws((4, 5), torch.Generator().manual_seed(2), torch.device("cpu"))
+    g = torch.Generator().manual_seed(2)
+    first = next(draws)
+    assert torch.equal(first, torch.randn((4, 5), generator=g))
+    second = next(draws)
+    assert second.data_ptr() == first.data_ptr()  # the same buffer, drawn into again
+    assert torch.equal(second, torch.randn((4, 5), generator=g))

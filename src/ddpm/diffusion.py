@@ -8,6 +8,7 @@ dtype of the input x.
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 
@@ -162,19 +163,8 @@ class GaussianDiffusion(nn.Module):
         clip_denoised: bool = False,
     ) -> torch.Tensor:
         """Algorithm 2, line 4: x_{t-1} = mu_theta + sigma_t z, with no noise where t == 0."""
-        return self._p_step(eps, x_t, t, noise, clip_denoised)[0]
-
-    def _p_step(
-        self,
-        eps: torch.Tensor,
-        x_t: torch.Tensor,
-        t: torch.Tensor,
-        noise: torch.Tensor,
-        clip_denoised: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`p_sample` and the predicted x_0 it used."""
-        mean, _, log_variance, pred_x0 = self.p_mean_variance(eps, x_t, t, clip_denoised)
-        return mean + _nonzero(t, x_t) * torch.exp(0.5 * log_variance) * noise, pred_x0
+        mean, _, log_variance, _ = self.p_mean_variance(eps, x_t, t, clip_denoised)
+        return mean + _nonzero(t, x_t) * torch.exp(0.5 * log_variance) * noise
 
     def ddim_sample(
         self,
@@ -190,18 +180,6 @@ class GaussianDiffusion(nn.Module):
         sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev); eta = 1
         is the ancestral step with sigma_t^2 = beta_tilde_t, eta = 0 is deterministic.
         """
-        return self._ddim_step(eps, x_t, t, noise, eta, clip_denoised)[0]
-
-    def _ddim_step(
-        self,
-        eps: torch.Tensor,
-        x_t: torch.Tensor,
-        t: torch.Tensor,
-        noise: torch.Tensor,
-        eta: float,
-        clip_denoised: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`ddim_sample` and the predicted x_0 it used."""
         pred_x0 = self.predict_x0_from_eps(x_t, t, eps)
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
@@ -213,7 +191,23 @@ class GaussianDiffusion(nn.Module):
         abar_prev = self._extract(self.alphas_cumprod_prev, t, x_t)
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
         mean = abar_prev.sqrt() * pred_x0 + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps
-        return mean + _nonzero(t, x_t) * sigma * noise, pred_x0
+        return mean + _nonzero(t, x_t) * sigma * noise
+
+    def step_coefficients(self, eta: float | None = None) -> list[tuple[float, ...]]:
+        """Per step i of the chain, as float64-exact Python numbers, what one reverse step from
+        x_i needs: pred_x0 = a x - b eps; then for an ancestral step (eta None)
+        x = c pred_x0 + d x + s z (eqs. 6-7 with sigma_t^2 the model variance); for DDIM
+        x = c pred_x0 + d eps + s z (Song et al. eq. 12). s is 0 at the last step (i = 0)."""
+        a, b = self.sqrt_recip_alphas_cumprod, self.sqrt_recipm1_alphas_cumprod
+        if eta is None:
+            c, d = self.posterior_mean_coef1, self.posterior_mean_coef2
+            s = torch.exp(0.5 * self.model_log_variance)
+        else:
+            abar, abar_prev = self.alphas_cumprod, self.alphas_cumprod_prev
+            s = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
+            c, d = abar_prev.sqrt(), (1 - abar_prev - s**2).clamp(min=0).sqrt()
+        s = torch.cat([s.new_zeros(1), s[1:]])
+        return torch.stack([a, b, c, d, s], dim=1).tolist()
 
     @torch.no_grad()
     def sample_steps(
@@ -227,29 +221,38 @@ class GaussianDiffusion(nn.Module):
     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Run the reverse chain from x_T ~ N(0, I), yielding (t, x_{t-1}, predicted x_0) per step.
 
-        Ancestral sampling (Algorithm 2) when `eta` is None, else DDIM with that eta. Noise is
-        drawn on the generator's device (the CPU when none is given) and moved to the device of
-        the buffers, so a seeded generator gives the same chain on any device.
+        Ancestral sampling (Algorithm 2, the step `p_sample` takes) when `eta` is None, else DDIM
+        with that eta (`ddim_sample`'s step). Every example of a batch is at the same step, so a
+        step's coefficients are Python numbers (`step_coefficients`) and it costs five tensor
+        ops besides the network. Noise is drawn on the generator's device (the CPU when none is
+        given) and moved to the device of the buffers, so a seeded generator gives the same
+        chain on any device.
         """
         device = self.betas.device
-        noise_device = generator.device if generator is not None else torch.device("cpu")
-
-        def randn() -> torch.Tensor:
-            return torch.randn(tuple(shape), generator=generator, device=noise_device).to(device)
-
-        x = randn()
+        coefficients = self.step_coefficients(eta)
+        draws = normal_draws(tuple(shape), generator, device)
+        x = next(draws).clone()
+        # the network's t for every step, made once: row i is timestep_map[i] for each example
+        model_t = self.timestep_map[:, None].repeat(1, shape[0])
         steps = reversed(range(self.num_timesteps))
         if progress:
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, total=self.num_timesteps, desc="sampling")
         for i in steps:
-            t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
-            eps = model(x, self.timestep_map[t])
+            a, b, c, d, s = coefficients[i]
+            eps = model(x, model_t[i])
+            pred_x0 = torch.add(x * a, eps, alpha=-b)
+            if clip_denoised:
+                pred_x0.clamp_(-1.0, 1.0)
             if eta is None:
-                x, pred_x0 = self._p_step(eps, x, t, randn(), clip_denoised)
+                x_prev = torch.add(pred_x0 * c, x, alpha=d)
             else:
-                x, pred_x0 = self._ddim_step(eps, x, t, randn(), eta, clip_denoised)
+                if clip_denoised:  # the eps that the clipped x_0 implies
+                    eps = torch.sub(x * a, pred_x0).div_(b)
+                x_prev = torch.add(pred_x0 * c, eps, alpha=d)
+            noise = next(draws)  # drawn at every step, also the last, whose s is 0
+            x = x_prev.add_(noise, alpha=s) if s else x_prev
             yield i, x, pred_x0
 
     def sample_loop(
@@ -374,6 +377,36 @@ class GaussianDiffusion(nn.Module):
         prior = self.prior_bpd(x0).double()
         total = terms_bpd.sum(dim=1) + prior
         return {"total_bpd": total, "prior_bpd": prior, "terms_bpd": terms_bpd}
+
+
+def normal_draws(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """Endless N(0, I) draws of `shape` from `generator` (the default CPU generator when None),
+    on `device`, each in the same reused tensor (valid until the next draw).
+
+    From a CPU generator to a GPU, two pinned host buffers take turns: the copy to the GPU does
+    not block, so drawing the next step's noise overlaps the GPU's work on this one.
+    """
+    source = generator.device if generator is not None else torch.device("cpu")
+    if source.type == device.type:
+        out = torch.empty(shape, device=device)
+        while True:
+            yield torch.randn(shape, generator=generator, device=device, out=out)
+    if source.type != "cpu" or device.type != "cuda":
+        while True:
+            yield torch.randn(shape, generator=generator, device=source).to(device)
+    host = [torch.empty(shape, pin_memory=True) for _ in range(2)]
+    copied: list[torch.cuda.Event | None] = [None, None]
+    out = torch.empty(shape, device=device)
+    for k in itertools.cycle((0, 1)):
+        if copied[k] is not None:
+            copied[k].synchronize()  # the copy from this buffer, two draws ago, is done
+        torch.randn(shape, generator=generator, out=host[k])
+        out.copy_(host[k], non_blocking=True)
+        copied[k] = torch.cuda.Event()
+        copied[k].record()
+        yield out
 
 
 def _nonzero(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
