@@ -91,17 +91,18 @@ def test_ema_callback_is_the_exponential_average_of_the_weights() -> None:
     callback = EMA(decay=0.9, use_buffers=False)
     callback.setup(SimpleNamespace(), net, "fit")  # type: ignore[arg-type]
     expected = [p.detach().double().clone() for p in net.parameters()]
-    callback._average_model.update_parameters(net)  # the first update copies the weights
+    callback.update(net)  # the first update copies the weights
     g = torch.Generator().manual_seed(0)
     for _ in range(5):
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(torch.randn(p.shape, generator=g))
-        callback._average_model.update_parameters(net)
+        callback.update(net)
         expected = [
             0.9 * e + 0.1 * p.detach().double()
             for e, p in zip(expected, net.parameters(), strict=True)
         ]
+    assert int(callback._average_model.n_averaged) == callback.updates == 6  # for checkpoints
     averaged = list(callback._average_model.module.parameters())
     for got, want in zip(averaged, expected, strict=True):
         assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-6)

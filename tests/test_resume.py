@@ -84,7 +84,14 @@ def test_sigkill_then_auto_resume_reproduces_the_losses(tmp_path: Path, processe
     for step in after:
         print(f"{step:4d}  {expected[step]}  {got.get(step)}")
     assert [got.get(s) for s in after] == [expected[s] for s in after]
-    assert torch.load(last, weights_only=True)["global_step"] == 30
+    final = torch.load(last, weights_only=True)
+    assert final["global_step"] == 30
+    # The EMA weights (state_dict) and the raw ones come back too, to the bit.
+    uninterrupted = torch.load(full / "checkpoints" / "last.ckpt", weights_only=True)
+    for key in ("state_dict", "current_model_state"):
+        assert final[key].keys() == uninterrupted[key].keys()
+        for name, value in final[key].items():
+            assert torch.equal(value, uninterrupted[key][name]), (key, name)
 
 
 def test_each_rank_draws_its_own_t_and_noise(compose_cfg) -> None:

@@ -201,11 +201,14 @@ class RandomState(pl.Callback):
 
 
 class EMA(EMAWeightAveraging):
-    """Lightning's EMAWeightAveraging, with two changes:
+    """Lightning's EMAWeightAveraging, with three changes:
 
-    - The update is one `torch._foreach_lerp_` over all parameters (torch's
-      `get_ema_multi_avg_fn`) rather than EMAWeightAveraging's loop over them, which cost about
-      as much as the optimizer step (benchmarks/run.py).
+    - The update is one `torch._foreach_lerp_` per device and dtype (torch's
+      `get_ema_multi_avg_fn`) rather than EMAWeightAveraging's loop over the parameters, which
+      cost about as much as the optimizer step (benchmarks/run.py).
+    - The count of updates is kept on the host as well: AveragedModel.update_parameters reads its
+      device counter back twice per update (`bool(n_averaged == 0)`), which makes a GPU wait
+      at every step. The counter is still kept in the averaged model, for checkpoints.
     - It keeps the raw weights in checkpoints saved after training. At the end of fit,
       EMAWeightAveraging copies the EMA weights into the module; a checkpoint saved after that
       (ModelCheckpoint's end-of-training `last.ckpt`, which runs after every other callback)
@@ -218,6 +221,55 @@ class EMA(EMAWeightAveraging):
         self._kwargs.pop("avg_fn")  # what AveragedModel gets: the foreach form instead
         self._kwargs["multi_avg_fn"] = get_ema_multi_avg_fn(decay)
         self.raw_state: dict[str, torch.Tensor] | None = None
+        self.updates = 0  # the averaged model's n_averaged, on the host
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._read_updates()
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        self._read_updates()
+
+    def _read_updates(self) -> None:
+        if self._average_model is not None:
+            self.updates = int(self._average_model.n_averaged)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
+    ) -> None:
+        # as EMAWeightAveraging.on_train_batch_end, with `update` for update_parameters
+        if trainer.global_step > self._latest_update_step and self.should_update(
+            step_idx=trainer.global_step - 1
+        ):
+            self.update(pl_module)
+            self._latest_update_step = trainer.global_step
+
+    @torch.no_grad()
+    def update(self, pl_module: pl.LightningModule) -> None:
+        """One update of the average: a copy of the weights the first time, then
+        ema = decay * ema + (1 - decay) * w, as AveragedModel.update_parameters does it."""
+        averaged = self._average_model
+        groups: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
+        for mine, theirs in zip(
+            self._tensors(averaged.module), self._tensors(pl_module), strict=True
+        ):
+            ours, current = groups.setdefault((mine.device, mine.dtype), ([], []))
+            ours.append(mine.detach())
+            current.append(theirs.detach().to(mine.device))
+        for ours, current in groups.values():
+            if self.updates == 0:
+                torch._foreach_copy_(ours, current)
+            else:
+                self._kwargs["multi_avg_fn"](ours, current, None)
+        averaged.n_averaged += 1
+        self.updates += 1
+
+    def _tensors(self, module: torch.nn.Module) -> list[torch.Tensor]:
+        """What is averaged: the parameters, and the buffers with `use_buffers`."""
+        return [*module.parameters(), *(module.buffers() if self._use_buffers else ())]
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.raw_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}

@@ -75,6 +75,8 @@ class DiffusionModule(pl.LightningModule):
         # train/loss_q0..q3 sums and counts since the last logged step: a plain tensor, not a
         # buffer, so that DDP does not broadcast it, nor a checkpoint keep it
         self.quarter_stats: torch.Tensor | None = None
+        # (step, t range, loss) of the first non-finite training batch; step -1: none yet
+        self.first_nonfinite: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """eps_theta(x_t, t)."""
@@ -85,26 +87,69 @@ class DiffusionModule(pl.LightningModule):
         t = self.diffusion.sample_timesteps(x0.shape[0], x0.device)  # kept for the NaN report
         losses = self.diffusion.training_loss(self.backbone, x0, t)
         loss = losses.mean()
-        if not torch.isfinite(loss):
-            bad = t[~torch.isfinite(losses)]
-            where = (
-                f"train/loss is {loss.item()} at step {self.global_step} (t from "
-                f"{int(bad.min()) + 1} to {int(bad.max()) + 1} of {self.diffusion.num_timesteps})"
-            )
-            if self.hparams.on_nan == "stop":
-                raise NonFiniteLossError(
-                    f"{where}; stopped, and the last checkpoint is the last good one "
-                    "(model.on_nan=skip skips such batches instead)."
+        if self.hparams.on_nan == "skip":  # the one policy that reads the loss back every step
+            if not torch.isfinite(loss):
+                self.skipped_batches += 1
+                log.warning(
+                    f"{self._nonfinite_report(loss, losses, t)}: batch skipped "
+                    f"({self.skipped_batches} so far)."
                 )
-            self.skipped_batches += 1
-            log.warning(f"{where}: batch skipped ({self.skipped_batches} so far).")
-            self.log("train/skipped_batches", float(self.skipped_batches))
-            return None
+                self.log("train/skipped_batches", float(self.skipped_batches))
+                return None
+        else:
+            self._note_first_nonfinite(loss, losses, t)
         self._add_to_quarters(losses.detach(), t)
         if self._logs_now():  # self.log costs ~2 ms on the host (and a collective with DDP)
+            self.stop_if_nonfinite()
             self.log("train/loss", loss, prog_bar=True, sync_dist=True)
             self._log_quarters()
         return loss
+
+    def _nonfinite_report(self, loss: torch.Tensor, losses: torch.Tensor, t: torch.Tensor) -> str:
+        bad = t[~torch.isfinite(losses)]
+        return (
+            f"train/loss is {loss.item()} at step {self.global_step} (t from "
+            f"{int(bad.min()) + 1} to {int(bad.max()) + 1} of {self.diffusion.num_timesteps})"
+        )
+
+    def _note_first_nonfinite(
+        self, loss: torch.Tensor, losses: torch.Tensor, t: torch.Tensor
+    ) -> None:
+        """Keep (step, first and last bad t, loss) of the first non-finite batch in
+        `first_nonfinite`, on the device: no host sync, which would stall a GPU every step.
+        `stop_if_nonfinite` reads it back on logged steps, at validation, before every checkpoint
+        and at the end of training."""
+        if self.first_nonfinite is None:
+            self.first_nonfinite = torch.full((4,), -1.0, dtype=torch.float64, device=loss.device)
+        bad = ~torch.isfinite(losses)
+        T = self.diffusion.num_timesteps
+        this = torch.stack(
+            [
+                loss.new_full((), self.global_step, dtype=torch.float64),
+                torch.where(bad, t, T).min().double(),
+                torch.where(bad, t, -1).max().double(),
+                loss.detach().double(),
+            ]
+        )
+        first = (self.first_nonfinite[0] < 0) & ~torch.isfinite(loss)
+        self.first_nonfinite.copy_(torch.where(first, this, self.first_nonfinite))
+
+    def stop_if_nonfinite(self) -> None:
+        """Raise NonFiniteLossError if a training loss so far (on any process) was NaN or
+        infinite, naming the first such batch. A collective with several processes."""
+        if self.first_nonfinite is None or self.hparams.on_nan == "skip":
+            return
+        records = self.all_gather(self.first_nonfinite).reshape(-1, 4)
+        seen = records[records[:, 0] >= 0]
+        if len(seen) == 0:
+            return
+        step, t_min, t_max, loss = seen[seen[:, 0].argmin()].tolist()
+        raise NonFiniteLossError(
+            f"train/loss was {loss} at step {int(step)} (t from {int(t_min) + 1} to "
+            f"{int(t_max) + 1} of {self.diffusion.num_timesteps}); stopped at step "
+            f"{self.global_step}, and the last checkpoint is the last good one "
+            "(model.on_nan=skip skips such batches instead)."
+        )
 
     def _logs_now(self) -> bool:
         """Whether Lightning sends this training step's logged values to the loggers."""
@@ -169,6 +214,15 @@ class DiffusionModule(pl.LightningModule):
             and batch_idx < self.hparams.val_bpd_batches
             and getattr(self.trainer.datamodule, "num_levels", None) is not None
         )
+
+    def on_validation_start(self) -> None:
+        self.stop_if_nonfinite()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.stop_if_nonfinite()  # before anything is written over the last good checkpoint
+
+    def on_train_end(self) -> None:
+        self.stop_if_nonfinite()
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
