@@ -12,7 +12,7 @@ import torch
 from conftest import FAST, run_train
 from hydra.core.global_hydra import GlobalHydra
 
-from ddpm.checkpoint import load_trained
+from ddpm.checkpoint import load_trained, load_trained_for
 from ddpm.evaluate import energy_distance, evaluate, sliced_wasserstein
 from ddpm.sample import sample
 from ddpm.train import build
@@ -144,7 +144,9 @@ def test_toy2d_eval_reports_distances_beside_floor_and_baseline(compose_cfg) -> 
     assert metrics["num_samples"] == 300 and "bpd" not in metrics
 
 
-def test_sample_seed_and_clip_denoised_follow_the_config(compose_cfg, tmp_path: Path) -> None:
+def test_sample_seed_clip_denoised_and_compile_follow_the_config(
+    compose_cfg, tmp_path: Path, capsys
+) -> None:
     ckpt = train_checkpoint(compose_cfg, TOY_SHORT)
 
     def points(name: str, *overrides: str) -> np.ndarray:
@@ -163,6 +165,14 @@ def test_sample_seed_and_clip_denoised_follow_the_config(compose_cfg, tmp_path: 
     assert np.abs(points("b", "clip_denoised=true")).max() <= 1.0
     np.testing.assert_array_equal(points("c"), as_trained)
     assert not np.array_equal(points("d", "seed=1"), as_trained)
+    # compile: through torch.compile (Dynamo with the eager backend: Inductor takes minutes on
+    # 2 CPU cores), with the same samples
+    compiled = compose_cfg([f"ckpt_path={ckpt}", "compile={backend: eager}"], config_name="sample")
+    assert load_trained_for(compiled).backbone._compiled_call_impl is not None
+    np.testing.assert_array_equal(points("e", "compile={backend: eager}"), as_trained)
+    with pytest.raises(SystemExit):
+        points("f", "compile=fast")
+    assert "compile='fast' is invalid: allowed are true, false or a dict" in capsys.readouterr().err
 
 
 def test_energy_distance_of_shifted_gaussians_matches_closed_form() -> None:

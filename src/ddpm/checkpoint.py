@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
+from ddpm.backbones import compile_backbone
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.schedules import make_beta_schedule
 
@@ -87,9 +88,10 @@ def _leaves(node: Any, prefix: str) -> dict[str, Any]:
 
 
 def load_trained_for(cfg: Any) -> Trained:
-    """`load_trained` with the keys that sample.yaml and eval.yaml share."""
+    """`load_trained` with the keys that sample.yaml and eval.yaml share, and the backbone
+    compiled as `compile` asks."""
     schedule = cfg.schedule.name if cfg.get("schedule") else None
-    return load_trained(
+    trained = load_trained(
         cfg.ckpt_path,
         cfg.use_ema,
         cfg.diffusion.variance,
@@ -97,6 +99,8 @@ def load_trained_for(cfg: Any) -> Trained:
         cfg.timesteps,
         cfg.allow_schedule_change,
     )
+    compile_backbone(trained.backbone, cfg.get("compile"))
+    return trained
 
 
 def pick_device(name: str) -> str:

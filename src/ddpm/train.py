@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
 
+from ddpm.backbones import compile_backbone
 from ddpm.checkpoint import check_same_model, read_checkpoint
 from ddpm.cli import user_errors
 from ddpm.loggers import finish_wandb, guard_logger
@@ -92,19 +91,6 @@ def build(cfg: DictConfig) -> Run:
     num_params = sum(p.numel() for p in backbone.parameters())
     log.info(f"backbone {_choice('backbone')}: {num_params:,} parameters ({num_params / 1e6:.1f}M)")
     return Run(datamodule, module, trainer, ckpt_path)
-
-
-def compile_backbone(backbone: torch.nn.Module, option: Any) -> None:
-    """`compile=true` (or a dict of torch.compile options, e.g. `{mode: max-autotune}`):
-    compile the backbone's forward in place, so parameter names and checkpoints stay the same."""
-    if option is None or option is False:
-        return
-    if option is not True and not isinstance(option, Mapping):
-        raise ValueError(
-            f"compile={option!r} is invalid: allowed are true, false or a dict of torch.compile "
-            "options such as {mode: max-autotune}."
-        )
-    backbone.compile(**({} if option is True else dict(option)))
 
 
 def _check_not_ddp_in_local_sweep(trainer: pl.Trainer) -> None:

@@ -4,7 +4,26 @@ Each exposes `data_shape`, the shape of one example it takes, so that a mismatch
 is caught before training.
 """
 
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
 from ddpm.backbones.mlp import MLP
 from ddpm.backbones.unet import UNet
 
-__all__ = ["MLP", "UNet"]
+__all__ = ["MLP", "UNet", "compile_backbone"]
+
+
+def compile_backbone(backbone: torch.nn.Module, option: Any) -> None:
+    """`compile=true` (or a dict of torch.compile options, e.g. `{mode: reduce-overhead}`):
+    compile the backbone's forward in place, so parameter names and checkpoints stay the same.
+    The same key in train.py, ddpm-sample and ddpm-eval."""
+    if option is None or option is False:
+        return
+    if option is not True and not isinstance(option, Mapping):
+        raise ValueError(
+            f"compile={option!r} is invalid: allowed are true, false or a dict of torch.compile "
+            "options such as {mode: max-autotune}."
+        )
+    backbone.compile(**({} if option is True else dict(option)))
