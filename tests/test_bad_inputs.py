@@ -36,6 +36,7 @@ TRAIN = [
     (["model.val_bpd_every=-1"], r"model.val_bpd_every=-1 is invalid: it must be an integer >= 0"),
     (["callbacks.ema.decay=1.5"], r"callbacks.ema.decay=1.5 is invalid: it must lie in \[0, 1\]"),
     (["callbacks.samples.num_samples=0"], r"callbacks.samples.num_samples=0 is invalid"),
+    (["matmul_precision=low"], r"matmul_precision='low' is invalid: allowed are highest, high"),
     (
         ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=3"],
         r"data.batch_size=128 is the global batch and must be divisible by the 3",
@@ -71,6 +72,7 @@ SAMPLE = [
     (["ckpt_path={good}", "num_samples=0"], r"num_samples=0 is invalid"),
     (["ckpt_path={good}", "timesteps=1000"], r"timesteps=1000 differs from the checkpoint's"),
     (["ckpt_path={good}", "diffusion.variance=learned"], r"variance=.learned. is unknown"),
+    (["ckpt_path={good}", "matmul_precision=tf32"], r"matmul_precision='tf32' is invalid"),
 ]
 
 EVAL = [

@@ -102,6 +102,16 @@ def test_compile_keeps_checkpoints_the_same(compose_cfg, tmp_path: Path) -> None
     )
 
 
+def test_matmul_precision_is_set_for_the_run(compose_cfg) -> None:
+    before = torch.get_float32_matmul_precision()
+    try:
+        for value in ("highest", "high"):
+            build(compose_cfg([*FAST, f"matmul_precision={value}", "logger=none"]))
+            assert torch.get_float32_matmul_precision() == value
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_compile_refuses_a_bad_value(compose_cfg, capsys) -> None:
     with pytest.raises(SystemExit):
         train(compose_cfg([*FAST, "compile=fast"]))

@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from ddpm.backbones import compile_backbone
+from ddpm.backbones import compile_backbone, set_matmul_precision
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.schedules import make_beta_schedule
 
@@ -88,8 +88,9 @@ def _leaves(node: Any, prefix: str) -> dict[str, Any]:
 
 
 def load_trained_for(cfg: Any) -> Trained:
-    """`load_trained` with the keys that sample.yaml and eval.yaml share, and the backbone
-    compiled as `compile` asks."""
+    """`load_trained` with the keys that sample.yaml and eval.yaml share, the backbone compiled
+    as `compile` asks and `matmul_precision` set."""
+    set_matmul_precision(cfg.get("matmul_precision"))
     schedule = cfg.schedule.name if cfg.get("schedule") else None
     trained = load_trained(
         cfg.ckpt_path,

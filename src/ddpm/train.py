@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
 
-from ddpm.backbones import compile_backbone
+from ddpm.backbones import compile_backbone, set_matmul_precision
 from ddpm.checkpoint import check_same_model, read_checkpoint
 from ddpm.cli import user_errors
 from ddpm.loggers import finish_wandb, guard_logger
@@ -51,6 +51,7 @@ def build(cfg: DictConfig) -> Run:
     """Instantiate data, diffusion, backbone, module, callbacks, loggers and trainer, and check
     that they fit together; every user error is a ValueError naming the key."""
     _check_config(cfg)
+    set_matmul_precision(cfg.get("matmul_precision"))
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     diffusion = instantiate(cfg.diffusion)

@@ -12,7 +12,9 @@ import torch
 from ddpm.backbones.mlp import MLP
 from ddpm.backbones.unet import UNet
 
-__all__ = ["MLP", "UNet", "compile_backbone"]
+__all__ = ["MLP", "UNet", "compile_backbone", "set_matmul_precision"]
+
+MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
 def compile_backbone(backbone: torch.nn.Module, option: Any) -> None:
@@ -27,3 +29,16 @@ def compile_backbone(backbone: torch.nn.Module, option: Any) -> None:
             "options such as {mode: max-autotune}."
         )
     backbone.compile(**({} if option is True else dict(option)))
+
+
+def set_matmul_precision(value: Any) -> None:
+    """`matmul_precision`: torch.set_float32_matmul_precision for this process. `high` (the
+    default) lets float32 matrix products use TF32 on NVIDIA GPUs (Ampere and newer), as cuDNN's
+    convolutions already do by default; `highest` is full float32; the CPU ignores it."""
+    if value is None:
+        return
+    if value not in MATMUL_PRECISIONS:
+        raise ValueError(
+            f"matmul_precision={value!r} is invalid: allowed are {', '.join(MATMUL_PRECISIONS)}."
+        )
+    torch.set_float32_matmul_precision(value)
