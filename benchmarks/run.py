@@ -8,12 +8,17 @@
 3. utilisation  model FLOPs per step (torch.utils.flop_counter) / step time, against the
                 machine's measured matmul rate (float32 on the CPU, bf16 on a GPU)
 4. scaling      step time against batch size and image size; sampling time against steps
+5. variants     (on a GPU, or with --variants) our training step under bf16 autocast,
+                channels-last and torch.compile against float32; sampling with the network
+                compiled (mode=reduce-overhead: CUDA graphs) against eager
 
     python benchmarks/run.py --device cpu --out results.json      # a few minutes on 2 cores
     python benchmarks/run.py --device cuda --out results.json     # CIFAR-10 sizes
 
-Times are medians over `--repeats` after `--warmup` untimed repetitions. diffusers is optional
-(`pip install -e ".[bench]"`); without it, comparison 2 is skipped.
+Contenders are timed in turn (ABBA order), after `--warmup` untimed calls each, so that each pair
+of times is taken under the same conditions; a ratio is the median of the per-pair ratios, given
+with its quartiles. diffusers is optional (`pip install -e ".[bench]"`); without it, comparison 2
+is skipped.
 """
 
 from __future__ import annotations
@@ -343,6 +348,72 @@ def diffusers_sampling(
     }
 
 
+VARIANTS = {
+    # name: (bf16 autocast, channels-last, torch.compile options or None)
+    "fp32": (False, False, None),
+    "bf16": (True, False, None),
+    "bf16+channels_last": (True, True, None),
+    "bf16+compile": (True, False, {}),
+}
+
+
+def training_variants(size: Size, device: str, warmup: int, repeats: int) -> dict[str, Any]:
+    """Our U-Net's training step (L_simple, backward, Adam) in float32 against bf16 autocast,
+    bf16 with channels-last tensors, and bf16 with the backbone compiled (Inductor)."""
+    diffusion = GaussianDiffusion(make_beta_schedule("linear", 1000), "beta").to(device)
+    steps: dict[str, Callable[[], None]] = {}
+    for name, (bf16, channels_last, compile_options) in VARIANTS.items():
+        torch.manual_seed(0)
+        net = our_unet(size).to(device)
+        x0 = data(size, 1).to(device)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        if compile_options is not None:
+            net.compile(**compile_options)
+        opt = torch.optim.Adam(net.parameters(), lr=2e-4, foreach=True)
+
+        def step(net=net, x0=x0, opt=opt, bf16=bf16) -> None:
+            with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=bf16):
+                loss = diffusion.training_loss(net, x0).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        steps[name] = step
+    times = paired(steps, warmup, repeats, device)
+    return {
+        name: {
+            "images_per_sec": size.batch / statistics.median(times[name]),
+            # speed-up over float32: its seconds over this variant's
+            **ratio_of_pairs(times["fp32"], times[name]),
+        }
+        for name in steps
+    }
+
+
+def sampling_variants(size: Size, device: str, repeats: int) -> dict[str, Any]:
+    """Our sample_loop with the U-Net eager against the U-Net compiled with
+    mode=reduce-overhead (CUDA graphs on a GPU), what `ddpm-sample compile=...` does."""
+    shape = (size.sample_batch, size.channels, size.image_size, size.image_size)
+    chain = GaussianDiffusion(make_beta_schedule("linear", 1000), "beta")
+    chain = chain.respace(size.sample_steps).to(device)
+    chains: dict[str, Callable[[], None]] = {}
+    for name, options in (("eager", None), ("compiled", {"mode": "reduce-overhead"})):
+        torch.manual_seed(0)
+        net = our_unet(size).to(device).eval()
+        if options is not None:
+            net.compile(**options)
+        chains[name] = functools.partial(chain.sample_loop, net, shape)
+    times = paired(chains, 1, repeats, device)
+    return {
+        "steps": size.sample_steps,
+        "images": size.sample_batch,
+        "seconds": {name: statistics.median(t) for name, t in times.items()},
+        **ratio_of_pairs(times["eager"], times["compiled"]),
+    }
+
+
 def matmul_rate(device: str) -> float:
     """FLOP/s of a large matmul (float32 on the CPU, bf16 on a GPU): a practical peak."""
     n = 2048 if device == "cpu" else 8192
@@ -410,6 +481,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=40, help="pairs of training steps")
     parser.add_argument("--chains", type=int, default=10, help="pairs of sampling chains")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--sizes", nargs="*", default=None, help="a subset of the sizes")
+    parser.add_argument(
+        "--variants",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="5: bf16, channels-last and torch.compile (default: on a GPU only)",
+    )
     args = parser.parse_args()
     device = args.device
     if args.threads:
@@ -425,6 +503,8 @@ def main() -> None:
     results["matmul_flops_per_sec"] = peak
     rows: list[tuple[str, str, float, float, float]] = []
     for name, size in SIZES[device].items():
+        if args.sizes and name not in args.sizes:
+            continue
         out: dict[str, Any] = {"size": size.__dict__}
         out["overhead"] = overhead(size, device, args.warmup, args.repeats)
         row(rows, name, "overhead: ours (Lightning) / plain step time", out["overhead"])
@@ -453,6 +533,15 @@ def main() -> None:
                     ("sampler_alone", "sampler alone (no network): diffusers / ours"),
                 ):
                     row(rows, name, what, out["diffusers"][key])
+        if args.variants if args.variants is not None else device == "cuda":
+            out["variants"] = {
+                "training": training_variants(size, device, args.warmup, args.repeats),
+                "sampling": sampling_variants(size, device, args.chains),
+            }
+            for variant, result in out["variants"]["training"].items():
+                if variant != "fp32":
+                    row(rows, name, f"training: {variant} / fp32 speed", result)
+            row(rows, name, "sampling: compiled / eager speed", out["variants"]["sampling"])
         out["scaling"] = scaling(size, device, args.warmup, max(3, args.repeats // 4))
         results["sizes"][name] = out
     print(f"\n{'size':<14} {'comparison':<48} {'ratio':>7} {'quartiles':>15}")
