@@ -75,6 +75,29 @@ def test_schedule_figure_draws_both_variances() -> None:
     assert image.shape[1] > 2 * image.shape[0]  # three panels side by side
 
 
+def test_ema_with_buffers_averages_float_buffers_and_copies_integer_ones() -> None:
+    import lightning.pytorch as pl
+
+    from ddpm.callbacks import EMA
+
+    class Net(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+            self.register_buffer("count", torch.tensor(999))
+            self.register_buffer("scale", torch.tensor(1.0))
+
+    net = Net()
+    callback = EMA(decay=0.5, use_buffers=True)
+    callback.setup(SimpleNamespace(), net, "fit")  # type: ignore[arg-type]
+    callback.update(net)
+    net.count.fill_(1001), net.scale.fill_(3.0)
+    callback.update(net)
+    averaged = callback._average_model.module
+    assert averaged.scale.item() == 2.0  # 0.5 * 1 + 0.5 * 3
+    assert averaged.count.item() == 1001  # a counter is copied, not averaged to 1000
+
+
 def test_ema_callback_is_the_exponential_average_of_the_weights() -> None:
     """Our EMA (torch's foreach form) against the recurrence in float64: ema_0 = w_0, then
     ema_k = decay * ema_{k-1} + (1 - decay) * w_k."""

@@ -260,7 +260,7 @@ class EMA(EMAWeightAveraging):
             ours.append(mine.detach())
             current.append(theirs.detach().to(mine.device))
         for ours, current in groups.values():
-            if self.updates == 0:
+            if self.updates == 0 or not ours[0].is_floating_point():  # e.g. integer buffers
                 torch._foreach_copy_(ours, current)
             else:
                 self._kwargs["multi_avg_fn"](ours, current, None)
