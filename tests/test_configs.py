@@ -138,6 +138,8 @@ def test_ddpm_cifar10_is_the_papers_run(compose_cfg) -> None:
     assert cfg.data.batch_size == 128 and cfg.data.val_size == 0
     assert cfg.model.optimizer._target_ == "torch.optim.Adam" and cfg.model.optimizer.lr == 2e-4
     assert cfg.model.warmup_steps == 5000
+    optimizer = instantiate(cfg.model.optimizer)([torch.nn.Parameter(torch.zeros(1))])
+    assert optimizer.defaults["foreach"] is True  # one multi-tensor update (benchmarks/)
     assert cfg.trainer.max_steps == 800_000 and cfg.trainer.gradient_clip_val == 1.0
     assert cfg.callbacks.ema.decay == 0.9999
     net = instantiate(cfg.backbone)

@@ -90,9 +90,9 @@ def test_ema_with_buffers_averages_float_buffers_and_copies_integer_ones() -> No
     net = Net()
     callback = EMA(decay=0.5, use_buffers=True)
     callback.setup(SimpleNamespace(), net, "fit")  # type: ignore[arg-type]
-    callback.update(net)
+    callback._average_model.update_parameters(net)
     net.count.fill_(1001), net.scale.fill_(3.0)
-    callback.update(net)
+    callback._average_model.update_parameters(net)
     averaged = callback._average_model.module
     assert averaged.scale.item() == 2.0  # 0.5 * 1 + 0.5 * 3
     assert averaged.count.item() == 1001  # a counter is copied, not averaged to 1000
@@ -114,13 +114,13 @@ def test_ema_callback_is_the_exponential_average_of_the_weights() -> None:
     callback = EMA(decay=0.9, use_buffers=False)
     callback.setup(SimpleNamespace(), net, "fit")  # type: ignore[arg-type]
     expected = [p.detach().double().clone() for p in net.parameters()]
-    callback.update(net)  # the first update copies the weights
+    callback._average_model.update_parameters(net)  # as Lightning calls it; first: a copy
     g = torch.Generator().manual_seed(0)
     for _ in range(5):
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(torch.randn(p.shape, generator=g))
-        callback.update(net)
+        callback._average_model.update_parameters(net)
         expected = [
             0.9 * e + 0.1 * p.detach().double()
             for e, p in zip(expected, net.parameters(), strict=True)

@@ -74,11 +74,24 @@ def test_global_batch_is_split_over_devices() -> None:
         ({"image_size": 16}, r"data.image_size=16 .* do not fit data=digits"),
         ({"channels": 3}, r"data.channels=3 do not fit data=digits"),
         ({"val_fraction": 0.7}, r"data.val_fraction=0.7 is invalid"),
+        ({"num_workers": -1}, r"data.num_workers=-1 is invalid: it must be an integer >= 0"),
     ],
 )
 def test_bad_digits_settings(kwargs: dict, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
         DigitsDataModule(**kwargs)
+
+
+def test_loader_workers_give_the_same_batches() -> None:
+    """`data.num_workers`: batches read by worker processes equal those read in this one."""
+    batches = {}
+    for workers in (0, 2):
+        dm = DigitsDataModule(batch_size=64, num_workers=workers)
+        dm.setup("fit")
+        batches[workers] = [batch[0] for batch in dm.train_dataloader()]
+    assert len(batches[0]) == len(batches[2]) > 1
+    for ours, theirs in zip(batches[0], batches[2], strict=True):
+        assert torch.equal(ours, theirs)
 
 
 def test_unknown_toy2d_name() -> None:

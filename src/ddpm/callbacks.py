@@ -225,6 +225,9 @@ class EMA(EMAWeightAveraging):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if self._average_model is not None:
+            # every update EMAWeightAveraging makes (per step or per epoch) goes through ours
+            self._average_model.update_parameters = self.update
         self._read_updates()
 
     def on_load_checkpoint(
@@ -237,20 +240,10 @@ class EMA(EMAWeightAveraging):
         if self._average_model is not None:
             self.updates = int(self._average_model.n_averaged)
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
-    ) -> None:
-        # as EMAWeightAveraging.on_train_batch_end, with `update` for update_parameters
-        if trainer.global_step > self._latest_update_step and self.should_update(
-            step_idx=trainer.global_step - 1
-        ):
-            self.update(pl_module)
-            self._latest_update_step = trainer.global_step
-
     @torch.no_grad()
     def update(self, pl_module: pl.LightningModule) -> None:
-        """One update of the average: a copy of the weights the first time, then
-        ema = decay * ema + (1 - decay) * w, as AveragedModel.update_parameters does it."""
+        """The averaged model's `update_parameters`: a copy of the weights the first time, then
+        ema = decay * ema + (1 - decay) * w, as AveragedModel's own does it."""
         averaged = self._average_model
         groups: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
         for mine, theirs in zip(

@@ -365,11 +365,11 @@ class GaussianDiffusion(nn.Module):
         `sample_steps`), forms x_t = q_sample(x0, t, eps) and evaluates `vb_terms_bpd`.
         Returns `total_bpd` [B], `prior_bpd` [B] and `terms_bpd` [B, T].
         """
-        noise_device = generator.device if generator is not None else torch.device("cpu")
+        draws = normal_draws(tuple(x0.shape), generator, x0.device)
         terms = []
         for i in range(self.num_timesteps):
             t = torch.full((x0.shape[0],), i, device=x0.device, dtype=torch.long)
-            noise = torch.randn(x0.shape, generator=generator, device=noise_device).to(x0)
+            noise = next(draws).to(x0.dtype)
             x_t = self.q_sample(x0, t, noise)
             eps = model(x_t, self.timestep_map[t])
             terms.append(self.vb_terms_bpd(eps, x0, x_t, t, num_levels).double())

@@ -131,13 +131,13 @@ class DiffusionModule(pl.LightningModule):
                 loss.detach().double(),
             ]
         )
-        first = (self.first_nonfinite[0] < 0) & ~torch.isfinite(loss)
+        first = (self.first_nonfinite[0] < 0) & bad.any()
         self.first_nonfinite.copy_(torch.where(first, this, self.first_nonfinite))
 
     def stop_if_nonfinite(self) -> None:
         """Raise NonFiniteLossError if a training loss so far (on any process) was NaN or
         infinite, naming the first such batch. A collective with several processes."""
-        if self.first_nonfinite is None or self.hparams.on_nan == "skip":
+        if self.first_nonfinite is None:  # no step yet, or on_nan=skip (which checks each step)
             return
         records = self.all_gather(self.first_nonfinite).reshape(-1, 4)
         seen = records[records[:, 0] >= 0]

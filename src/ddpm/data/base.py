@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ddpm.checks import check_int
+from ddpm.distributed import batch_seed
 
 SPLITS = ("train", "val", "test")
 
@@ -39,6 +40,16 @@ def to_model_range(data: torch.Tensor, num_levels: int | None) -> torch.Tensor:
     return data.float() * (2.0 / (num_levels - 1)) - 1.0
 
 
+def seeded_split(
+    data: torch.Tensor, n_val: int, n_test: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train, val, test): a permutation seeded by `seed` puts the first `n_val` examples in
+    val, the next `n_test` in test and the rest in train."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    val, test, train = order[:n_val], order[n_val : n_val + n_test], order[n_val + n_test :]
+    return data[train], data[val], data[test]
+
+
 class EpochSampler(DistributedSampler):
     """torch's DistributedSampler (this rank's share; order from the run's seed and the epoch,
     which Lightning sets), yielding `(index, flip)` with random horizontal flips when `hflip`.
@@ -55,7 +66,7 @@ class EpochSampler(DistributedSampler):
         indices = list(super().__iter__())
         if not self.hflip:
             return iter(indices)
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch + 1) % 2**63)
+        g = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch + 1))
         flips = (torch.rand(len(self.dataset), generator=g) < 0.5).tolist()  # type: ignore[arg-type]
         return iter([(i, flips[i]) for i in indices])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from sklearn.datasets import load_digits
 
-from ddpm.data.base import TensorDataModule
+from ddpm.data.base import TensorDataModule, seeded_split
 
 
 class DigitsDataModule(TensorDataModule):
@@ -45,7 +45,5 @@ class DigitsDataModule(TensorDataModule):
 
     def make_splits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = torch.from_numpy(load_digits().images).to(torch.uint8).unsqueeze(1)  # 0..16
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.split_seed))
         n_val, n_test = round(self.val_fraction * len(x)), round(self.test_fraction * len(x))
-        val, test, train = order[:n_val], order[n_val : n_val + n_test], order[n_val + n_test :]
-        return x[train], x[val], x[test]
+        return seeded_split(x, n_val, n_test, self.split_seed)

@@ -10,7 +10,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from ddpm.checks import check_int
-from ddpm.data.base import TensorDataModule
+from ddpm.data.base import TensorDataModule, seeded_split
 
 MODES = {1: "L", 3: "RGB"}
 
@@ -88,7 +88,5 @@ class ImageFolderDataModule(TensorDataModule):
                     f"data.root={str(self.root)!r}: {path} is not a readable image ({error})."
                 ) from error
         x = torch.stack(images)
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.split_seed))
         n_val, n_test = (max(1, round(f * len(x))) for f in self.fractions)
-        val, test, train = order[:n_val], order[n_val : n_val + n_test], order[n_val + n_test :]
-        return x[train], x[val], x[test]
+        return seeded_split(x, n_val, n_test, self.split_seed)

@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 from ddpm.checks import check_int
-from ddpm.data.base import TensorDataModule
+from ddpm.data.base import TensorDataModule, seeded_split
 
 
 class TorchvisionDataModule(TensorDataModule):
@@ -95,8 +95,8 @@ class TorchvisionDataModule(TensorDataModule):
                 f"data.val_size={self.val_size} is invalid: it must be below the "
                 f"{len(train)} training images of {self.name}."
             )
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.split_seed))
-        return train[order[self.val_size :]], train[order[: self.val_size]], test
+        train, val, _ = seeded_split(train, self.val_size, 0, self.split_seed)
+        return train, val, test
 
 
 class MNISTDataModule(TorchvisionDataModule):
