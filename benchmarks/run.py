@@ -490,6 +490,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     device = args.device
+    unknown = set(args.sizes or ()) - set(SIZES[device])
+    if unknown:
+        parser.error(
+            f"--sizes {' '.join(sorted(unknown))} unknown for --device {device}: allowed are "
+            f"{', '.join(SIZES[device])}."
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("high")
