@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import FAST
 
-from ddpm.cli import user_errors
-from ddpm.evaluate import evaluate
-from ddpm.sample import sample
-from ddpm.train import build, train
+from ddpm.cli.common import user_errors
+from ddpm.cli.evaluate import evaluate
+from ddpm.cli.sample import sample
+from ddpm.cli.train import build, train
 
 TRAIN = [
     (["timesteps=0"], r"timesteps=0 is invalid: it must be an integer >= 1"),

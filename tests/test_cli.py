@@ -111,7 +111,7 @@ def test_bad_input_from_the_command_line(tmp_path: Path) -> None:
 
 
 def test_long_override_lists_make_short_sweep_folder_names() -> None:
-    from ddpm.cli import short_dirname
+    from ddpm.cli.common import short_dirname
 
     assert short_dirname("schedule=cosine,variance=beta") == "schedule=cosine,variance=beta"
     assert short_dirname("data.root=/a/b") == "data.root=_a_b"

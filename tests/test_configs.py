@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ddpm.backbones import MLP, UNet
+from ddpm.cli.train import build, train
 from ddpm.diffusion import GaussianDiffusion
-from ddpm.train import build, train
 
 
 def options(group: str) -> list[str]:
@@ -199,9 +199,12 @@ def test_checkpoints_every_n_steps_between_validations(compose_cfg, tmp_path: Pa
 
     run.trainer.save_checkpoint = recording
     run.trainer.fit(run.module, datamodule=run.datamodule)
-    # Every 2 steps, and at the end; no validation ran, so there is no best checkpoint.
-    assert saved_at == [("last.ckpt", 2), ("last.ckpt", 3)]
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
+    # Every 2 steps, and at the end, where the run's final validation writes the best and the
+    # last checkpoint although val_check_interval never fell due.
+    assert saved_at[0] == ("last.ckpt", 2)
+    assert sorted(saved_at[1:]) == [("best-step-0000003.ckpt", 3), ("last.ckpt", 3)]
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["best-step-0000003.ckpt", "last.ckpt"]
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 3
     # Saved after fit copied the EMA weights into the module: the raw weights are still there.

@@ -12,10 +12,10 @@ import torch
 from conftest import FAST
 from PIL import Image
 
+from ddpm.cli.train import build, train
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.figures import schedule_figure
 from ddpm.schedules import make_beta_schedule
-from ddpm.train import build, train
 
 
 def test_loss_quarters_are_window_means_per_quarter(compose_cfg) -> None:

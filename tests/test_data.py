@@ -192,13 +192,41 @@ def test_samplers_give_each_rank_a_disjoint_share() -> None:
 
 def test_flips_depend_on_seed_and_epoch_only() -> None:
     dataset = list(range(400))
-    sampler = EpochSampler(dataset, hflip=True, num_replicas=1, rank=0, shuffle=True, seed=5)
-    first = list(sampler)
-    assert first == list(sampler)  # no hidden state: the same epoch gives the same flips
+
+    def sampler() -> EpochSampler:
+        return EpochSampler(dataset, hflip=True, num_replicas=1, rank=0, shuffle=True, seed=5)
+
+    first = list(sampler())
+    assert first == list(sampler())  # the same seed and epoch give the same order and flips
     flips = [flip for _, flip in first]
     assert 150 < sum(flips) < 250  # about half, binomial(400, 1/2): mean 200, sd 10
-    sampler.set_epoch(1)
-    assert [f for _, f in sorted(list(sampler))] != [f for _, f in sorted(first)]
+    counting = sampler()
+    assert list(counting) == first
+    assert [f for _, f in sorted(counting)] != [f for _, f in sorted(first)]  # epoch 1
     x = torch.arange(6.0).reshape(1, 1, 2, 3)
     data = SplitDataset(x, num_levels=None)
     assert torch.equal(data[(0, True)][0], x[0].flip(-1)) and torch.equal(data[0][0], x[0])
+
+
+def test_sampler_resumes_its_epoch_and_position_from_its_state() -> None:
+    """A loader's state restores the epoch and the examples yielded, whatever epoch Lightning
+    sets (it builds the iterator before setting the epoch, and may skip a number on resume)."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def loader() -> StatefulDataLoader:
+        sampler = EpochSampler(list(range(40)), num_replicas=1, rank=0, shuffle=True, seed=1)
+        return StatefulDataLoader(list(range(40)), batch_size=8, sampler=sampler)
+
+    running = loader()
+    epochs = [[b.tolist() for b in running] for _ in range(3)]
+    assert epochs[0] != epochs[1] != epochs[2]
+    partial = loader()
+    list(partial)  # epoch 0
+    it = iter(partial)  # epoch 1: three batches, then a checkpoint
+    taken = [next(it).tolist() for _ in range(3)]
+    state = partial.state_dict()
+    resumed = loader()
+    resumed.sampler.set_epoch(5)  # ignored: the state says which epoch this is
+    resumed.load_state_dict(state)
+    assert taken + [b.tolist() for b in resumed] == epochs[1]
+    assert [b.tolist() for b in resumed] == epochs[2]

@@ -98,7 +98,7 @@ def test_each_rank_draws_its_own_t_and_noise(compose_cfg) -> None:
     """DDP ranks start from one seed (equal weights) and then draw different t and noise."""
     from types import SimpleNamespace
 
-    from ddpm.train import build
+    from ddpm.cli.train import build
 
     module = build(compose_cfg(["experiment=smoke"])).module
     draws = []

@@ -13,9 +13,10 @@ from conftest import FAST, run_train
 from hydra.core.global_hydra import GlobalHydra
 
 from ddpm.checkpoint import load_trained, load_trained_for
-from ddpm.evaluate import energy_distance, evaluate, sliced_wasserstein
-from ddpm.sample import sample
-from ddpm.train import build
+from ddpm.cli.evaluate import evaluate
+from ddpm.cli.sample import sample
+from ddpm.cli.train import build
+from ddpm.metrics import energy_distance, sliced_wasserstein
 
 # A 4-step toy run (trained with model.clip_denoised=false, as experiment=toy2d sets).
 TOY_SHORT = [
@@ -53,7 +54,7 @@ def test_sample_cli_writes_grid_npz_and_trajectory(digits_ckpt: Path, tmp_path: 
         "batch_size=4",
         f"paths.log_dir={tmp_path}",
     ]
-    result = run_train(args, cwd=tmp_path, script="ddpm.sample")
+    result = run_train(args, cwd=tmp_path, script="ddpm.cli.sample")
     assert result.returncode == 0, result.stderr[-3000:]
     out = next((tmp_path / "sample" / "ddim").iterdir())
     assert (out / "samples.png").is_file() and (out / "trajectory.png").is_file()
@@ -71,7 +72,7 @@ def test_eval_cli_writes_the_bound_and_skips_fid_in_one_line(digits_ckpt, tmp_pa
         "batch_size=10",
         f"paths.log_dir={tmp_path}",
     ]
-    result = run_train(args, cwd=tmp_path, script="ddpm.evaluate")
+    result = run_train(args, cwd=tmp_path, script="ddpm.cli.evaluate")
     assert result.returncode == 0, result.stderr[-3000:]
     out = next((tmp_path / "eval" / "test").iterdir())
     metrics = json.loads((out / "metrics.json").read_text())
@@ -124,7 +125,7 @@ def test_unreadable_checkpoints_get_one_sentence(tmp_path: Path) -> None:
 
 def test_sample_cli_refuses_a_missing_checkpoint(tmp_path: Path) -> None:
     result = run_train(
-        ["ckpt_path=nope.ckpt", f"paths.log_dir={tmp_path}"], cwd=tmp_path, script="ddpm.sample"
+        ["ckpt_path=nope.ckpt", f"paths.log_dir={tmp_path}"], cwd=tmp_path, script="ddpm.cli.sample"
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
@@ -245,19 +246,26 @@ def test_torchrun_splits_sampling_and_the_bound_over_processes(digits_ckpt: Path
     outputs = {}
     for name, launcher in (("one", []), ("two", ["torch.distributed.run", "--nproc-per-node=2"])):
         folder = tmp_path / name
-        for script, extra in (("ddpm.sample", ["num_samples=5"]), ("ddpm.evaluate", [])):
+        for script, extra in (("ddpm.cli.sample", ["num_samples=5"]), ("ddpm.cli.evaluate", [])):
             args = [*common, *extra, f"hydra.run.dir={folder / script}"]
-            if script == "ddpm.evaluate":
+            if script == "ddpm.cli.evaluate":
                 args += ["max_examples=5", "fid.enabled=false"]
             if launcher:
                 args = [*launcher[1:], "-m", script, *args]
-            result = run_train(args, cwd=tmp_path, script=launcher[0] if launcher else script)
+            # torchrun gives each process one thread; so does the single process here, since a
+            # convolution's float32 sums depend on how many threads share them
+            result = run_train(
+                args,
+                cwd=tmp_path,
+                script=launcher[0] if launcher else script,
+                env={"OMP_NUM_THREADS": "1"},
+            )
             assert result.returncode == 0, result.stderr[-3000:]
-            if launcher and script == "ddpm.sample":
+            if launcher and script == "ddpm.cli.sample":
                 assert "sampling 3 batches on 2 processes" in result.stdout + result.stderr
         outputs[name] = (
-            np.load(folder / "ddpm.sample" / "samples.npz")["samples"],
-            json.loads((folder / "ddpm.evaluate" / "metrics.json").read_text()),
+            np.load(folder / "ddpm.cli.sample" / "samples.npz")["samples"],
+            json.loads((folder / "ddpm.cli.evaluate" / "metrics.json").read_text()),
         )
     assert np.array_equal(outputs["one"][0], outputs["two"][0]) and len(outputs["one"][0]) == 5
     assert outputs["one"][1]["bpd"] == outputs["two"][1]["bpd"]

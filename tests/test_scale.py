@@ -10,7 +10,7 @@ import yaml
 from conftest import FAST, run_train
 from hydra.utils import instantiate
 
-from ddpm.train import build, train
+from ddpm.cli.train import build, train
 
 
 def test_slurm_launcher_gives_one_task_per_gpu_and_sets_the_trainer(compose_cfg) -> None:
@@ -119,10 +119,14 @@ def test_compile_refuses_a_bad_value(compose_cfg, capsys) -> None:
 
 
 def test_an_optimized_metric_the_run_never_logged_is_one_sentence(compose_cfg, capsys) -> None:
-    from ddpm.train import optimized_value
+    """Only a sweeper that optimises needs the metric; there its absence is one sentence."""
+    from ddpm.cli.train import optimized_value
 
-    cfg = compose_cfg([*FAST, "optimized_metric=val/fid"])
-    assert optimized_value(cfg, {"val/fid": 3.0, "val/loss": 1.0}) == 3.0
+    plain = compose_cfg([*FAST, "optimized_metric=val/fid"])
+    assert optimized_value(plain, {"val/fid": 3.0, "val/loss": 1.0}) == 3.0
+    assert optimized_value(plain, {"val/loss": 1.0}) is None  # a plain run ends normally
+    optuna = ["hparams_search=optuna", "hydra.mode=MULTIRUN", "optimized_metric=val/fid"]
+    cfg = compose_cfg([*FAST, *optuna], keep_hydra=True)
     with pytest.raises(SystemExit):
         optimized_value(cfg, {"val/loss": 1.0, "train/loss": 2.0})
     err = capsys.readouterr().err.strip()

@@ -1,8 +1,10 @@
 """Lightning callbacks: what a run shows (sample grids, trajectories, the schedule, images per
-second) and what it keeps for an exact resume (random state, raw weights beside the EMA)."""
+second), what it keeps for an exact resume (random state, raw weights beside the EMA), and what
+it does about a non-finite loss (the NaN guard)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,12 @@ from PIL import Image
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from ddpm.checks import check_int
-from ddpm.figures import image_grid, scatter_plot, schedule_figure, trajectory_figure
+from ddpm.figures import schedule_figure
 from ddpm.module import is_logged_step
+
+log = logging.getLogger(__name__)
+
+NAN_POLICIES = ("stop", "skip")
 
 
 def log_image(trainer: pl.Trainer, key: str, image: np.ndarray) -> None:
@@ -74,16 +80,22 @@ class SampleGrid(pl.Callback):
         every = self.trajectory_every
         points = 10 if every and (self.validations - 1) % every == 0 else 0
         generator = torch.Generator().manual_seed(self.seed)
-        samples, trajectory = pl_module.sample_with_trajectory(self.num_samples, generator, points)
+        data = trainer.datamodule
+        samples, trajectory = pl_module.sample_with_trajectory(
+            self.num_samples, generator, points, data.trajectory_examples
+        )
         step = trainer.global_step
-        if samples.ndim == 4:
-            image = image_grid(samples)
-        else:
-            image = scatter_plot(samples, trainer.datamodule.val_data, title=f"step {step}")
+        image = data.show(samples, title=f"step {step}")
         save_and_log(trainer, self.dirpath / f"step_{step:07d}.png", "samples", image)
         if trajectory:
             path = self.dirpath / f"trajectory_{step:07d}.png"
-            save_and_log(trainer, path, "trajectory", trajectory_figure(trajectory))
+            save_and_log(trainer, path, "trajectory", data.show_trajectory(trajectory))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"validations": self.validations}  # so a resumed run keeps the trajectory cadence
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.validations = state_dict["validations"]
 
 
 class SchedulePlot(pl.Callback):
@@ -274,3 +286,125 @@ class EMA(EMAWeightAveraging):
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
         if self.raw_state is not None:
             checkpoint["current_model_state"] = self.raw_state
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message says where."""
+
+
+class NanGuard(pl.Callback):
+    """What a NaN or infinite training loss does: `on_nan=stop` (the default) ends the run with
+    one line naming the first such batch, and nothing is saved over the last good checkpoint;
+    `on_nan=skip` skips such batches (no optimizer step) and counts them in
+    `train/skipped_batches`.
+
+    It reads the per-example losses and t that `DiffusionModule.training_step` returns. Under
+    `stop` it keeps (step, first and last bad t, loss) of the first bad batch on the device, so
+    the step reads nothing back (which would stall a GPU every step), and raises at the next
+    logged step, at validation, before every checkpoint and at the end of training. `skip` must
+    decide before the optimizer step, so it reads the loss back every step, and it works in one
+    process only (a skipped step on one rank would stall the others).
+    """
+
+    def __init__(self, on_nan: str = "stop") -> None:
+        if on_nan not in NAN_POLICIES:
+            raise ValueError(
+                f"callbacks.nan_guard.on_nan={on_nan!r} is unknown: allowed are 'stop' and 'skip'."
+            )
+        self.on_nan = on_nan
+        self.first: torch.Tensor | None = None  # step -1: no bad batch yet
+        self.skipped = 0
+
+    def check_processes(self, world_size: int) -> None:
+        """Refuse `skip` with several processes (called before training starts)."""
+        if self.on_nan == "skip" and world_size > 1:
+            raise ValueError(
+                "callbacks.nan_guard.on_nan=skip works in one process only (a skipped step on one "
+                f"rank would stall the others); with {world_size} processes use on_nan=stop."
+            )
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.on_nan != "skip":
+            return
+        training_step = pl_module.training_step
+
+        def skipping_step(batch: Any, batch_idx: int) -> Any:
+            # Lightning takes no optimizer step for a batch whose training_step returns None.
+            out = training_step(batch, batch_idx)
+            if torch.isfinite(out["loss"]):
+                return out
+            self.skipped += 1
+            log.warning(
+                f"{self._report(out['losses'], out['t'], trainer.global_step, pl_module)}: "
+                f"batch skipped ({self.skipped} so far)."
+            )
+            pl_module.log("train/skipped_batches", float(self.skipped))
+            return None
+
+        pl_module.training_step = skipping_step
+
+    @staticmethod
+    def _report(
+        losses: torch.Tensor, t: torch.Tensor, step: int, pl_module: pl.LightningModule
+    ) -> str:
+        bad = t[~torch.isfinite(losses)]
+        return (
+            f"train/loss is {losses.mean().item()} at step {step} (t from {int(bad.min()) + 1} "
+            f"to {int(bad.max()) + 1} of {pl_module.diffusion.num_timesteps})"
+        )
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self.on_nan != "stop" or outputs is None:
+            return
+        losses, t = outputs["losses"], outputs["t"]
+        if self.first is None:
+            self.first = torch.full((4,), -1.0, dtype=torch.float64, device=losses.device)
+        bad = ~torch.isfinite(losses)
+        T = pl_module.diffusion.num_timesteps
+        this = torch.stack(
+            [
+                losses.new_full((), trainer.global_step - 1, dtype=torch.float64),
+                torch.where(bad, t, T).min().double(),
+                torch.where(bad, t, -1).max().double(),
+                losses.mean().double(),
+            ]
+        )
+        first = (self.first[0] < 0) & bad.any()
+        self.first.copy_(torch.where(first, this, self.first))
+        if is_logged_step(trainer, trainer.global_step - 1):
+            self.stop_if_nonfinite(trainer, pl_module)
+
+    def stop_if_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Raise NonFiniteLossError if a training loss so far (on any process) was NaN or
+        infinite, naming the first such batch. A collective with several processes."""
+        if self.first is None:  # no step yet, or on_nan=skip
+            return
+        records = pl_module.all_gather(self.first).reshape(-1, 4)
+        seen = records[records[:, 0] >= 0]
+        if len(seen) == 0:
+            return
+        step, t_min, t_max, loss = seen[seen[:, 0].argmin()].tolist()
+        raise NonFiniteLossError(
+            f"train/loss was {loss} at step {int(step)} (t from {int(t_min) + 1} to "
+            f"{int(t_max) + 1} of {pl_module.diffusion.num_timesteps}); stopped at step "
+            f"{trainer.global_step}, and the last checkpoint is the last good one "
+            "(callbacks.nan_guard.on_nan=skip skips such batches instead)."
+        )
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.stop_if_nonfinite(trainer, pl_module)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self.stop_if_nonfinite(trainer, pl_module)  # before anything is written
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.stop_if_nonfinite(trainer, pl_module)

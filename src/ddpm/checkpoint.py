@@ -1,8 +1,10 @@
-"""Load a trained model from a checkpoint written by train.py, for sampling and evaluation."""
+"""Read a checkpoint written by train.py and rebuild its objects through the `_target_` nodes of
+the config stored in it (with the user's overrides applied), for sampling and evaluation."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,11 +12,11 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
 from ddpm.backbones import compile_backbone, set_matmul_precision
 from ddpm.diffusion import GaussianDiffusion
-from ddpm.schedules import make_beta_schedule
 
 
 @dataclass
@@ -25,9 +27,14 @@ class Trained:
     diffusion: GaussianDiffusion
     run_config: dict[str, Any]
 
+    @functools.cached_property
     def datamodule(self) -> Any:
         """The run's data module (its splits are rebuilt from the config, with the same seeds)."""
         return instantiate(self.run_config["data"])
+
+    def clip_denoised(self, asked: bool | None = None) -> bool:
+        """Whether to clamp the predicted x_0 to [-1, 1]: `asked`, or (None) as trained."""
+        return self.run_config["model"].get("clip_denoised", True) if asked is None else asked
 
 
 def read_checkpoint(ckpt_path: object) -> dict[str, Any]:
@@ -88,15 +95,16 @@ def _leaves(node: Any, prefix: str) -> dict[str, Any]:
 
 
 def load_trained_for(cfg: Any) -> Trained:
-    """`load_trained` with the keys that sample.yaml and eval.yaml share, the backbone compiled
-    as `compile` asks and `matmul_precision` set."""
+    """`load_trained` with the keys that sample.yaml and eval.yaml share (the `schedule` and
+    `variance` groups, `timesteps`), the backbone compiled as `compile` asks and
+    `matmul_precision` set."""
     set_matmul_precision(cfg.get("matmul_precision"))
-    schedule = cfg.schedule.name if cfg.get("schedule") else None
+    schedule = cfg.get("schedule")
     trained = load_trained(
         cfg.ckpt_path,
         cfg.use_ema,
         cfg.diffusion.variance,
-        schedule,
+        OmegaConf.to_container(schedule, resolve=True) if schedule else None,
         cfg.timesteps,
         cfg.allow_schedule_change,
     )
@@ -113,40 +121,69 @@ def pick_device(name: str) -> str:
     return name
 
 
+def _schedule_key(key: str) -> str:
+    """How a user names a key of the schedule node: `schedule`, `timesteps`, `schedule.<param>`."""
+    return {"name": "schedule", "timesteps": "timesteps"}.get(key, f"schedule.{key}")
+
+
+def asked_schedule(
+    trained: dict[str, Any],
+    schedule: str | dict[str, Any] | None = None,
+    timesteps: int | None = None,
+    allow_schedule_change: bool = False,
+) -> dict[str, Any]:
+    """The schedule node to build a chain with: the trained one (`diffusion.betas` of the stored
+    config), or the user's `schedule` node (or name) with `timesteps`; T is the trained one
+    unless given. Any difference from the trained node is refused, naming the key, unless
+    `allow_schedule_change`."""
+    if schedule is None:
+        asked = dict(trained)
+    elif isinstance(schedule, str):
+        asked = {"_target_": trained["_target_"], "name": schedule}
+    else:
+        asked = dict(schedule)
+    if timesteps is not None:
+        asked["timesteps"] = timesteps
+    if asked.get("timesteps") is None:
+        asked["timesteps"] = trained["timesteps"]
+    if not allow_schedule_change:
+        rest = sorted((set(asked) | set(trained)) - {"name", "timesteps"})
+        for key in ("name", "timesteps", *rest):
+            if asked.get(key) != trained.get(key):
+                name = _schedule_key(key)
+                raise ValueError(
+                    f"{name}={asked.get(key)!r} differs from the checkpoint's "
+                    f"{name}={trained.get(key)!r}: the network was trained on that chain; drop "
+                    f"{name}, or set allow_schedule_change=true to use it."
+                )
+    return asked
+
+
 def load_trained(
     ckpt_path: object,
     use_ema: bool = True,
     variance: str | None = None,
-    schedule: str | None = None,
+    schedule: str | dict[str, Any] | None = None,
     timesteps: int | None = None,
     allow_schedule_change: bool = False,
 ) -> Trained:
-    """Rebuild the backbone and diffusion of a checkpoint and load its weights.
+    """Rebuild the backbone and diffusion of a checkpoint through the `_target_` nodes of its
+    stored config and load its weights.
 
     `use_ema` picks the EMA weights (the checkpoint's `state_dict`) or the raw ones. `variance`
-    may differ from training (the same eps-network serves both sigma_t^2). A `schedule` or
-    `timesteps` other than the trained ones is refused unless `allow_schedule_change` is true.
+    may differ from training (the same eps-network serves both sigma_t^2). A `schedule` (a node
+    of the schedule group, or a name) or `timesteps` other than the trained ones is refused
+    unless `allow_schedule_change` is true.
     """
     checkpoint = read_checkpoint(ckpt_path)
     config = copy.deepcopy(checkpoint["hyper_parameters"]["run_config"])
-    trained_schedule = config["diffusion"]["betas"]
-    trained_name, trained_t = trained_schedule["name"], trained_schedule["timesteps"]
-    for key, asked, trained in (
-        ("schedule", schedule, trained_name),
-        ("timesteps", timesteps, trained_t),
-    ):
-        if asked is not None and asked != trained and not allow_schedule_change:
-            raise ValueError(
-                f"{key}={asked!r} differs from the checkpoint's {key}={trained!r}: the network was "
-                f"trained on that chain; drop {key}, or set allow_schedule_change=true to use it."
-            )
-    name, T = schedule or trained_name, timesteps or trained_t
-    fixed = ("_target_", "name", "timesteps")
-    params = {k: v for k, v in trained_schedule.items() if k not in fixed}
-    betas = make_beta_schedule(name, T, **(params if name == trained_name else {}))
-    diffusion = GaussianDiffusion(betas, variance or config["diffusion"]["variance"])
-    config["diffusion"]["variance"] = diffusion.variance
-
+    diffusion_node = config["diffusion"]
+    diffusion_node["betas"] = asked_schedule(
+        diffusion_node["betas"], schedule, timesteps, allow_schedule_change
+    )
+    if variance is not None:
+        diffusion_node["variance"] = variance
+    diffusion: GaussianDiffusion = instantiate(diffusion_node)
     backbone = instantiate(config["backbone"])
     state = checkpoint["state_dict"] if use_ema else checkpoint.get("current_model_state")
     if state is None:

@@ -335,16 +335,18 @@ class GaussianDiffusion(nn.Module):
         x_t: torch.Tensor,
         t: torch.Tensor,
         num_levels: int = 256,
+        clip_denoised: bool = False,
     ) -> torch.Tensor:
         """L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0, and the decoder's
         L_0 = -log p(x_0 | x_1) with `num_levels` bins over [-1, 1] where t == 0; bits/dim, [B].
 
-        Computed in float64; p is the unclipped model distribution of `p_mean_variance`.
+        Computed in float64; p is the model distribution of `p_mean_variance`, with the predicted
+        x_0 clamped to [-1, 1] when `clip_denoised` (the model the sampler runs by default).
         """
         dtype = x0.dtype
         eps, x0, x_t = eps.double(), x0.double(), x_t.double()
         q_mean, _, q_log_variance = self.q_posterior_mean_variance(x0, x_t, t)
-        p_mean, _, p_log_variance, _ = self.p_mean_variance(eps, x_t, t)
+        p_mean, _, p_log_variance, _ = self.p_mean_variance(eps, x_t, t, clip_denoised)
         kl = _mean_bits(normal_kl(q_mean, q_log_variance, p_mean, p_log_variance))
         nll = -_mean_bits(
             discretized_gaussian_log_likelihood(x0, p_mean, 0.5 * p_log_variance, num_levels)
@@ -358,11 +360,13 @@ class GaussianDiffusion(nn.Module):
         x0: torch.Tensor,
         num_levels: int = 256,
         generator: torch.Generator | None = None,
+        clip_denoised: bool = False,
     ) -> dict[str, torch.Tensor]:
         """The full variational bound L_T + sum_t L_{t-1} + L_0 in bits/dim, every term computed.
 
         For t = 0, 1, ..., T-1 in that order it draws eps (on the generator's device, as in
-        `sample_steps`), forms x_t = q_sample(x0, t, eps) and evaluates `vb_terms_bpd`.
+        `sample_steps`), forms x_t = q_sample(x0, t, eps) and evaluates `vb_terms_bpd` (with
+        `clip_denoised`).
         Returns `total_bpd` [B], `prior_bpd` [B] and `terms_bpd` [B, T].
         """
         draws = normal_draws(tuple(x0.shape), generator, x0.device)
@@ -372,7 +376,7 @@ class GaussianDiffusion(nn.Module):
             noise = next(draws).to(x0.dtype)
             x_t = self.q_sample(x0, t, noise)
             eps = model(x_t, self.timestep_map[t])
-            terms.append(self.vb_terms_bpd(eps, x0, x_t, t, num_levels).double())
+            terms.append(self.vb_terms_bpd(eps, x0, x_t, t, num_levels, clip_denoised).double())
         terms_bpd = torch.stack(terms, dim=1)
         prior = self.prior_bpd(x0).double()
         total = terms_bpd.sum(dim=1) + prior
@@ -441,19 +445,34 @@ def discretized_gaussian_log_likelihood(
     x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor, num_levels: int
 ) -> torch.Tensor:
     """log P(x) for data on `num_levels` evenly spaced values in [-1, 1] under N(mean, scale^2)
-    integrated over each value's bin (the outer bins reach -inf and +inf), elementwise, in nats."""
+    integrated over each value's bin (the outer bins reach -inf and +inf), elementwise, in nats.
+
+    The bin's mass is computed in log space, from the tail it lies in, so that it stays exact
+    however many standard deviations the bin is from the mean (a difference of two `ndtr`
+    values would round to 0 past about 8 sigma)."""
     if num_levels < 2:
         raise ValueError(f"num_levels={num_levels!r} is invalid: it must be an integer >= 2.")
     half_bin = 1.0 / (num_levels - 1)
     inv_scale = torch.exp(-log_scale)
     upper = inv_scale * (x - mean + half_bin)
     lower = inv_scale * (x - mean - half_bin)
-    # P(lower < z < upper), taken from the tail it lies in so that it does not round to 0.
-    upper_tail = torch.special.ndtr(-lower) - torch.special.ndtr(-upper)
-    lower_tail = torch.special.ndtr(upper) - torch.special.ndtr(lower)
-    log_bin = torch.log(torch.where(lower > 0, upper_tail, lower_tail).clamp(min=1e-300))
+    # log(Phi(b) - Phi(a)) for a < b <= 0 is log Phi(b) + log(1 - Phi(a) / Phi(b)); a bin above
+    # the mean is mirrored to below it. A bin that holds the mean is far from any tail.
+    mirror = lower > 0
+    a = torch.where(mirror, -upper, lower)
+    b = torch.where(mirror, -lower, upper)
+    log_b = torch.special.log_ndtr(b)
+    d = torch.special.log_ndtr(a) - log_b  # <= 0
+    tail = log_b + _log1mexp(d)
+    middle = torch.log1p(-(torch.special.ndtr(lower) + torch.special.ndtr(-upper)))
+    log_bin = torch.where((lower < 0) & (upper > 0), middle, tail)
     return torch.where(
         x < -1.0 + half_bin / 2,
         torch.special.log_ndtr(upper),
         torch.where(x > 1.0 - half_bin / 2, torch.special.log_ndtr(-lower), log_bin),
     )
+
+
+def _log1mexp(d: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(d)) for d <= 0, accurate near 0 and far below it (Maechler, 2012)."""
+    return torch.where(d > -math.log(2.0), torch.log(-torch.expm1(d)), torch.log1p(-torch.exp(d)))

@@ -58,16 +58,18 @@ def scatter_plot(samples: torch.Tensor, data: torch.Tensor, title: str = "") -> 
     return _to_array(fig)
 
 
-def trajectory_figure(trajectory: list[tuple[int, torch.Tensor, torch.Tensor]]) -> np.ndarray:
+def image_trajectory_figure(trajectory: list[tuple[int, torch.Tensor, torch.Tensor]]) -> np.ndarray:
     """The paper's progressive-generation picture: for each sample a row of x_t at the marked
-    times (large t on the left), then the same rows for the predicted x_0; for 2-D data,
-    scatter plots of x_t and predicted x_0 at each marked time."""
-    if trajectory[0][1].ndim == 4:
-        rows = []
-        for index in (1, 2):  # x_t, then predicted x_0
-            frames = torch.stack([step[index] for step in trajectory], dim=1)  # [N, times, ...]
-            rows.append(frames.flatten(0, 1))
-        return image_grid(torch.cat(rows), nrow=len(trajectory))
+    times (large t on the left), then the same rows for the predicted x_0."""
+    rows = []
+    for index in (1, 2):  # x_t, then predicted x_0
+        frames = torch.stack([step[index] for step in trajectory], dim=1)  # [N, times, ...]
+        rows.append(frames.flatten(0, 1))
+    return image_grid(torch.cat(rows), nrow=len(trajectory))
+
+
+def point_trajectory_figure(trajectory: list[tuple[int, torch.Tensor, torch.Tensor]]) -> np.ndarray:
+    """Scatter plots of 2-D x_t (top) and predicted x_0 (bottom) at each marked time."""
     plt = _pyplot()
     fig, axes = plt.subplots(
         2, len(trajectory), figsize=(1.6 * len(trajectory), 3.4), squeeze=False
@@ -80,6 +82,17 @@ def trajectory_figure(trajectory: list[tuple[int, torch.Tensor, torch.Tensor]]) 
             ax.set_title(f"t={t + 1}" if row == 0 else "", fontsize=8)
             if col == 0:
                 ax.set_ylabel(label, fontsize=8)
+    fig.tight_layout()
+    return _to_array(fig)
+
+
+def bpd_terms_figure(terms_bpd: list[float]) -> np.ndarray:
+    """The terms of the bound in bits/dim against the paper's t = 1..T (L_0 at t = 1)."""
+    plt = _pyplot()
+    t = np.arange(1, len(terms_bpd) + 1)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.semilogy(t, np.maximum(terms_bpd, 1e-12))
+    ax.set(xlabel="t", ylabel="bits/dim", title="terms of the bound (L_0 at t = 1)")
     fig.tight_layout()
     return _to_array(fig)
 

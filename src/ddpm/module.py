@@ -1,4 +1,4 @@
-"""DiffusionModule: the LightningModule that trains an eps-network with L_simple."""
+"""DiffusionModule: the LightningModule that trains an eps-network with L_simple; its metrics."""
 
 from __future__ import annotations
 
@@ -10,28 +10,23 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from hydra.utils import instantiate
 from torch import nn
 
 from ddpm.checks import check_int
 from ddpm.diffusion import GaussianDiffusion
-from ddpm.sample import Trajectory, run_chain
+from ddpm.sampling import Trajectory, run_chain
 
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
-NAN_POLICIES = ("stop", "skip")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the message says where."""
-
-
 def is_logged_step(trainer: pl.Trainer, step: int) -> bool:
     """Whether Lightning writes the values logged in training step `step` (0-based) to the
-    loggers: every `log_every_n_steps`-th step, counting from 1."""
-    return (step + 1) % trainer.log_every_n_steps == 0
+    loggers: every `log_every_n_steps`-th step, counting from 1, and the last step (where
+    `DiffusionModule` stops the trainer, which makes Lightning write)."""
+    return (step + 1) % trainer.log_every_n_steps == 0 or step + 1 == trainer.max_steps
 
 
 def linear_warmup(warmup_steps: int, step: int) -> float:
@@ -44,28 +39,37 @@ class DiffusionModule(pl.LightningModule):
 
     During validation and after `fit`, Lightning's EMAWeightAveraging has swapped the EMA weights
     in, and a checkpoint's `state_dict` holds them, so `sample()` then uses the EMA weights.
+
+    `backbone`, `diffusion` and `optimizer` left out are built from `run_config` (the run's
+    resolved config) through its `_target_` nodes; that is how Lightning's
+    `DiffusionModule.load_from_checkpoint(path)` rebuilds a trained module.
     """
 
     def __init__(
         self,
-        backbone: nn.Module,
-        diffusion: GaussianDiffusion,
-        optimizer: OptimizerFactory,
+        backbone: nn.Module | None = None,
+        diffusion: GaussianDiffusion | None = None,
+        optimizer: OptimizerFactory | None = None,
         warmup_steps: int = 0,
         clip_denoised: bool = True,
         val_bpd_every: int = 0,
         val_bpd_batches: int = 1,
-        on_nan: str = "stop",
         run_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         check_int("model.warmup_steps", warmup_steps, minimum=0)
         check_int("model.val_bpd_every", val_bpd_every, minimum=0)
         check_int("model.val_bpd_batches", val_bpd_batches, minimum=0)
-        if on_nan not in NAN_POLICIES:
-            raise ValueError(f"model.on_nan={on_nan!r} is unknown: allowed are 'stop' and 'skip'.")
+        if None in (backbone, diffusion, optimizer):
+            if run_config is None:
+                raise ValueError(
+                    "DiffusionModule needs backbone, diffusion and optimizer, or the run_config "
+                    "of a run to build them from."
+                )
+            backbone = backbone or instantiate(run_config["backbone"])
+            diffusion = diffusion or instantiate(run_config["diffusion"])
+            optimizer = optimizer or instantiate(run_config["model"]["optimizer"])
         self.num_validations = 0  # completed validations, for val_bpd_every
-        self.skipped_batches = 0  # batches skipped for a non-finite loss (on_nan=skip)
         # `run_config` is the run's resolved config (plain containers): it goes into every
         # checkpoint and to the loggers as the run's config.
         self.save_hyperparameters(ignore=["backbone", "diffusion", "optimizer"])
@@ -75,81 +79,32 @@ class DiffusionModule(pl.LightningModule):
         # train/loss_q0..q3 sums and counts since the last logged step: a plain tensor, not a
         # buffer, so that DDP does not broadcast it, nor a checkpoint keep it
         self.quarter_stats: torch.Tensor | None = None
-        # (step, t range, loss) of the first non-finite training batch; step -1: none yet
-        self.first_nonfinite: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """eps_theta(x_t, t)."""
         return self.backbone(x, t)
 
-    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor | None:
+    def training_step(
+        self, batch: tuple[torch.Tensor, ...], batch_idx: int
+    ) -> dict[str, torch.Tensor]:
+        """L_simple on the batch; the per-example losses and t go out with it, for the callbacks
+        (the NaN guard reads them)."""
         x0 = batch[0]
-        t = self.diffusion.sample_timesteps(x0.shape[0], x0.device)  # kept for the NaN report
+        t = self.diffusion.sample_timesteps(x0.shape[0], x0.device)
         losses = self.diffusion.training_loss(self.backbone, x0, t)
         loss = losses.mean()
-        if self.hparams.on_nan == "skip":  # the one policy that reads the loss back every step
-            if not torch.isfinite(loss):
-                self.skipped_batches += 1
-                log.warning(
-                    f"{self._nonfinite_report(loss, losses, t)}: batch skipped "
-                    f"({self.skipped_batches} so far)."
-                )
-                self.log("train/skipped_batches", float(self.skipped_batches))
-                return None
-        else:
-            self._note_first_nonfinite(loss, losses, t)
         self._add_to_quarters(losses.detach(), t)
         if self._logs_now():  # self.log costs ~2 ms on the host (and a collective with DDP)
-            self.stop_if_nonfinite()
             self.log("train/loss", loss, prog_bar=True, sync_dist=True)
             self._log_quarters()
-        return loss
+        return {"loss": loss, "losses": losses.detach(), "t": t}
 
-    def _nonfinite_report(self, loss: torch.Tensor, losses: torch.Tensor, t: torch.Tensor) -> str:
-        bad = t[~torch.isfinite(losses)]
-        return (
-            f"train/loss is {loss.item()} at step {self.global_step} (t from "
-            f"{int(bad.min()) + 1} to {int(bad.max()) + 1} of {self.diffusion.num_timesteps})"
-        )
-
-    def _note_first_nonfinite(
-        self, loss: torch.Tensor, losses: torch.Tensor, t: torch.Tensor
-    ) -> None:
-        """Keep (step, first and last bad t, loss) of the first non-finite batch in
-        `first_nonfinite`, on the device: no host sync, which would stall a GPU every step.
-        `stop_if_nonfinite` reads it back on logged steps, at validation, before every checkpoint
-        and at the end of training."""
-        if self.first_nonfinite is None:
-            self.first_nonfinite = torch.full((4,), -1.0, dtype=torch.float64, device=loss.device)
-        bad = ~torch.isfinite(losses)
-        T = self.diffusion.num_timesteps
-        this = torch.stack(
-            [
-                loss.new_full((), self.global_step, dtype=torch.float64),
-                torch.where(bad, t, T).min().double(),
-                torch.where(bad, t, -1).max().double(),
-                loss.detach().double(),
-            ]
-        )
-        first = (self.first_nonfinite[0] < 0) & bad.any()
-        self.first_nonfinite.copy_(torch.where(first, this, self.first_nonfinite))
-
-    def stop_if_nonfinite(self) -> None:
-        """Raise NonFiniteLossError if a training loss so far (on any process) was NaN or
-        infinite, naming the first such batch. A collective with several processes."""
-        if self.first_nonfinite is None:  # no step yet, or on_nan=skip (which checks each step)
-            return
-        records = self.all_gather(self.first_nonfinite).reshape(-1, 4)
-        seen = records[records[:, 0] >= 0]
-        if len(seen) == 0:
-            return
-        step, t_min, t_max, loss = seen[seen[:, 0].argmin()].tolist()
-        raise NonFiniteLossError(
-            f"train/loss was {loss} at step {int(step)} (t from {int(t_min) + 1} to "
-            f"{int(t_max) + 1} of {self.diffusion.num_timesteps}); stopped at step "
-            f"{self.global_step}, and the last checkpoint is the last good one "
-            "(model.on_nan=skip skips such batches instead)."
-        )
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After the last step, stop the trainer: Lightning then writes that step's logs and runs
+        a validation (val/loss, the sample grid, checkpoints) even when `val_check_interval` does
+        not fall on it, so every run, however short, ends validated."""
+        if 0 < self.trainer.max_steps <= self.global_step:
+            self.trainer.should_stop = True
 
     def _logs_now(self) -> bool:
         """Whether Lightning sends this training step's logged values to the loggers."""
@@ -195,7 +150,9 @@ class DiffusionModule(pl.LightningModule):
         if self._bpd_due(batch_idx):
             generator = torch.Generator().manual_seed(batch_idx)
             num_levels = self.trainer.datamodule.num_levels
-            bpd = self.diffusion.nll_bpd(self.backbone, batch[0], num_levels, generator)
+            bpd = self.diffusion.nll_bpd(
+                self.backbone, batch[0], num_levels, generator, self.hparams.clip_denoised
+            )
             self.log(
                 "val/bpd",
                 bpd["total_bpd"].mean().float(),
@@ -215,15 +172,6 @@ class DiffusionModule(pl.LightningModule):
             and getattr(self.trainer.datamodule, "num_levels", None) is not None
         )
 
-    def on_validation_start(self) -> None:
-        self.stop_if_nonfinite()
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.stop_if_nonfinite()  # before anything is written over the last good checkpoint
-
-    def on_train_end(self) -> None:
-        self.stop_if_nonfinite()
-
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
             self.num_validations += 1
@@ -238,10 +186,14 @@ class DiffusionModule(pl.LightningModule):
 
     @torch.no_grad()
     def sample_with_trajectory(
-        self, num_samples: int, generator: torch.Generator | None = None, points: int = 0
+        self,
+        num_samples: int,
+        generator: torch.Generator | None = None,
+        points: int = 0,
+        trajectory_examples: int = 8,
     ) -> tuple[torch.Tensor, Trajectory]:
-        """Samples, and (t, x_t, predicted x_0) of the first few at `points` times along the
-        chain (`ddpm.sample.run_chain`), with the backbone in eval mode."""
+        """Samples, and (t, x_t, predicted x_0) of the first `trajectory_examples` at `points`
+        times along the chain (`ddpm.sampling.run_chain`), with the backbone in eval mode."""
         was_training = self.backbone.training
         self.backbone.eval()
         try:
@@ -252,6 +204,7 @@ class DiffusionModule(pl.LightningModule):
                 generator,
                 self.hparams.clip_denoised,
                 trajectory_points=points,
+                trajectory_examples=trajectory_examples,
             )
         finally:
             self.backbone.train(was_training)

@@ -3,7 +3,7 @@ levels for images), a global `batch_size` split evenly over the devices, `data_s
 example) and `num_levels` (the number of values a coordinate takes in the data, or None for
 continuous data)."""
 
-from ddpm.data.base import TensorDataModule
+from ddpm.data.base import ImageDataModule, PointDataModule, TensorDataModule
 from ddpm.data.digits import DigitsDataModule
 from ddpm.data.image_folder import ImageFolderDataModule
 from ddpm.data.toy2d import TOY2D_NAMES, Toy2DDataModule
@@ -19,8 +19,10 @@ __all__ = [
     "CIFAR10DataModule",
     "DigitsDataModule",
     "FashionMNISTDataModule",
+    "ImageDataModule",
     "ImageFolderDataModule",
     "MNISTDataModule",
+    "PointDataModule",
     "TensorDataModule",
     "TorchvisionDataModule",
     "Toy2DDataModule",

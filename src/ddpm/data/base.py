@@ -1,4 +1,6 @@
-"""What the data modules share: splits held in memory, the global batch, samplers, loaders."""
+"""What the data modules share: splits held in memory, the global batch, samplers, loaders, and
+what their examples are (images on levels, or points) and how they are shown, stored and
+scored."""
 
 from __future__ import annotations
 
@@ -7,12 +9,20 @@ from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from ddpm.checks import check_int
 from ddpm.distributed import batch_seed
+from ddpm.figures import (
+    image_grid,
+    image_trajectory_figure,
+    point_trajectory_figure,
+    scatter_plot,
+)
 
 SPLITS = ("train", "val", "test")
 
@@ -50,33 +60,76 @@ def seeded_split(
     return data[train], data[val], data[test]
 
 
-class EpochSampler(DistributedSampler):
-    """torch's DistributedSampler (this rank's share; order from the run's seed and the epoch,
-    which Lightning sets), yielding `(index, flip)` with random horizontal flips when `hflip`.
+class EpochSampler(StatefulDistributedSampler):
+    """torch's DistributedSampler (this rank's share, in an order drawn from the run's seed and
+    the epoch), yielding `(index, flip)` with random horizontal flips when `hflip`.
 
-    The flips come from a generator seeded by the seed and the epoch, not from the global random
-    state, so a resumed run sees the same mirrored images as the uninterrupted one.
+    It counts its own epochs (passes over the data) and keeps the epoch, with torchdata's count
+    of examples yielded, in every checkpoint's loader state. Lightning's epoch is not used: on a
+    resume Lightning builds the loader's iterator before it sets the sampler's epoch (so a run
+    resumed in epoch e > 0 would replay epoch 0's order), and a run resumed from a checkpoint
+    written at the last batch of an epoch skips one of Lightning's epoch numbers. The flips come
+    from a generator seeded by the seed and the epoch, not from the global random state.
     """
 
     def __init__(self, dataset: Dataset, hflip: bool = False, **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
         self.hflip = hflip
+        self.next_epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Ignored: the sampler counts its passes itself (see the class docstring)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "epoch": self.epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)  # the pass resumes after the examples yielded
+        self.epoch = state_dict["epoch"]
 
     def __iter__(self) -> Iterator[Any]:
-        indices = list(super().__iter__())
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[Any]:
+        # A generator: this runs at the first draw, so an iterator that is made and dropped
+        # (as torchdata does before loading a state) does not count as a pass.
+        if self.next_yielded is None:  # a new pass, not one resumed from a checkpoint
+            self.epoch = self.next_epoch
+        self.next_epoch = self.epoch + 1
+        indices = super().__iter__()
         if not self.hflip:
-            return iter(indices)
+            yield from indices
+            return
         g = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch + 1))
         flips = (torch.rand(len(self.dataset), generator=g) < 0.5).tolist()  # type: ignore[arg-type]
-        return iter([(i, flips[i]) for i in indices])
+        for i in indices:
+            yield i, flips[i]
 
 
 class TensorDataModule(pl.LightningDataModule):
     """A data module whose three splits `make_splits()` returns as tensors: uint8 levels for
     quantised data (`num_levels` set), float for continuous data. They are built on first use;
-    `check()` finds missing files first, in one sentence, and `prepare_data()` downloads."""
+    `check()` finds missing files first, in one sentence, and `prepare_data()` downloads.
+
+    What the examples are is said by the subclass (`ImageDataModule` or `PointDataModule`): how
+    samples are shown (`show`, `show_trajectory`), stored (`store`) and scored (`scores`).
+    """
 
     num_levels: int | None = None
+    scores: tuple[str, ...] = ()  # what ddpm-eval measures: "bpd", "fid", "distances"
+    trajectory_examples = 8  # how many samples a trajectory figure follows
+
+    def show(self, samples: torch.Tensor, title: str = "") -> np.ndarray:
+        """Samples as a picture, a uint8 [H, W, 3] array."""
+        raise NotImplementedError
+
+    def show_trajectory(self, trajectory: list) -> np.ndarray:
+        """x_t and the predicted x_0 at marked times along a chain, as a picture."""
+        raise NotImplementedError
+
+    def store(self, samples: torch.Tensor) -> dict[str, np.ndarray]:
+        """Samples as the arrays of samples.npz."""
+        raise NotImplementedError
 
     def __init__(self, batch_size: int, num_workers: int = 0, hflip: bool = False) -> None:
         super().__init__()
@@ -159,6 +212,10 @@ class TensorDataModule(pl.LightningDataModule):
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # Each new iterator (every epoch, every validation) draws its workers' base seed from
+            # this generator rather than from the global random state, which would otherwise
+            # move between a checkpoint and the next training step and break exact resumes.
+            generator=torch.Generator().manual_seed(self.shuffle_seed),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -169,3 +226,46 @@ class TensorDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+
+class ImageDataModule(TensorDataModule):
+    """Images C x H x W on `num_levels` evenly spaced values in [-1, 1]: shown as a grid, stored
+    as uint8 levels, scored by the bound in bits/dim and by FID/KID."""
+
+    num_levels: int = 256
+    scores = ("bpd", "fid")
+
+    def show(self, samples: torch.Tensor, title: str = "") -> np.ndarray:
+        """The first 64 samples as a grid (small images upscaled, nearest-neighbour)."""
+        return image_grid(samples[:64])
+
+    def show_trajectory(self, trajectory: list) -> np.ndarray:
+        return image_trajectory_figure(trajectory)
+
+    def store(self, samples: torch.Tensor) -> dict[str, np.ndarray]:
+        """`samples`: uint8 NHWC on the data's own levels 0..num_levels-1, and `num_levels`."""
+        levels = self.num_levels
+        q = ((samples.clamp(-1, 1) + 1) / 2 * (levels - 1)).round().to(torch.uint8)
+        return {"samples": q.permute(0, 2, 3, 1).numpy(), "num_levels": np.array(levels)}
+
+
+class PointDataModule(TensorDataModule):
+    """Continuous points (vectors): shown as a scatter plot over the validation split, stored as
+    float32, scored by distances between point clouds."""
+
+    scores = ("distances",)
+    trajectory_examples = 1000
+
+    def show(self, samples: torch.Tensor, title: str = "") -> np.ndarray:
+        return scatter_plot(samples, self.val_data, title=title)
+
+    def show_trajectory(self, trajectory: list) -> np.ndarray:
+        return point_trajectory_figure(trajectory)
+
+    def store(self, samples: torch.Tensor) -> dict[str, np.ndarray]:
+        return {"samples": samples.float().numpy()}
+
+    def second_draw(self, n: int) -> torch.Tensor:
+        """n more points from the data's distribution, independent of the splits (the floor of a
+        distance between samples and held-out points)."""
+        raise NotImplementedError

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from sklearn.datasets import load_digits
 
-from ddpm.data.base import TensorDataModule, seeded_split
+from ddpm.data.base import ImageDataModule, seeded_split
 
 
-class DigitsDataModule(TensorDataModule):
+class DigitsDataModule(ImageDataModule):
     """UCI digits, levels 0..16 (scaled to [-1, 1] as they are read), split with a fixed seed."""
 
     num_levels = 17

@@ -10,12 +10,12 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from ddpm.checks import check_int
-from ddpm.data.base import TensorDataModule, seeded_split
+from ddpm.data.base import ImageDataModule, seeded_split
 
 MODES = {1: "L", 3: "RGB"}
 
 
-class ImageFolderDataModule(TensorDataModule):
+class ImageFolderDataModule(ImageDataModule):
     """Every image under `root`: its shorter side resized to `image_size` (antialiased), then
     center-cropped, with `channels` 1 (grey) or 3 (RGB); 256 levels, held in memory as uint8,
     split into train/val/test by a seeded permutation."""

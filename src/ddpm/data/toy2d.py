@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from sklearn.datasets import make_moons, make_swiss_roll
 
-from ddpm.data.base import TensorDataModule
+from ddpm.data.base import PointDataModule
 
 TOY2D_NAMES = ("swissroll", "moons", "8gaussians", "checkerboard")
 
@@ -33,7 +33,7 @@ def make_toy2d(name: str, n: int, seed: int) -> np.ndarray:
     return x.astype(np.float32)
 
 
-class Toy2DDataModule(TensorDataModule):
+class Toy2DDataModule(PointDataModule):
     """Train, val and test sets drawn independently from the same toy distribution."""
 
     def __init__(
@@ -75,3 +75,6 @@ class Toy2DDataModule(TensorDataModule):
             torch.from_numpy(make_toy2d(self.name, n, self.seed + i))
             for i, n in enumerate(self.sizes)
         )
+
+    def second_draw(self, n: int) -> torch.Tensor:
+        return torch.from_numpy(make_toy2d(self.name, n, self.seed + 1000))

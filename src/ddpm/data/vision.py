@@ -15,10 +15,10 @@ import torch
 import torchvision
 
 from ddpm.checks import check_int
-from ddpm.data.base import TensorDataModule, seeded_split
+from ddpm.data.base import ImageDataModule, seeded_split
 
 
-class TorchvisionDataModule(TensorDataModule):
+class TorchvisionDataModule(ImageDataModule):
     """A torchvision image data set with a train/val/test split; subclasses name the set."""
 
     num_levels = 256

@@ -1,23 +1,18 @@
-"""Sample from a trained checkpoint: `ddpm-sample ckpt_path=...` (or `python -m ddpm.sample`)."""
+"""Sampling: reverse chains with their trajectories, and batched seeded generation from a trained
+model (the same samples with any number of torchrun processes). The chain itself is
+`GaussianDiffusion.sample_steps`; noise draws are `ddpm.diffusion.normal_draws`."""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-from PIL import Image
 
-from ddpm.checkpoint import Trained, load_trained_for, pick_device
+from ddpm.checkpoint import Trained
 from ddpm.checks import check_int
-from ddpm.cli import CONF_DIR, user_errors
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.distributed import batch_seed, gather_in_order, my_share, world
-from ddpm.figures import image_grid, scatter_plot, trajectory_figure
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +72,7 @@ def generate(
     backbone = trained.backbone.to(device)
     chain = chain.to(device)
     shape = tuple(backbone.data_shape)
+    keep = trained.datamodule.trajectory_examples
     starts = range(0, num_samples, batch_size)
     rank, size = world()
     if size > 1 and rank == 0:
@@ -91,6 +87,7 @@ def generate(
             clip_denoised,
             eta_or_none,
             trajectory_points if start == 0 else 0,
+            keep,
             progress=True,
         )
         done.append((index, (x.cpu(), marked)))
@@ -106,72 +103,17 @@ def run_chain(
     clip_denoised: bool,
     eta: float | None = None,
     trajectory_points: int = 0,
+    trajectory_examples: int = 8,
     progress: bool = False,
 ) -> tuple[torch.Tensor, Trajectory]:
-    """Run the reverse chain once: x_0, and (t, x_t, predicted x_0) of the first few samples at
-    `trajectory_points` times evenly spread along the chain (t counted on the original chain)."""
+    """Run the reverse chain once: x_0, and (t, x_t, predicted x_0) of the first
+    `trajectory_examples` samples at `trajectory_points` times evenly spread along the chain
+    (t counted on the original chain)."""
     marks = set(np.linspace(chain.num_timesteps - 1, 0, trajectory_points).round().astype(int))
     trajectory = []
     steps = chain.sample_steps(backbone, shape, generator, clip_denoised, progress, eta=eta)
     for i, x, pred_x0 in steps:
         if i in marks:
-            keep = 8 if x.ndim == 4 else 1000  # a few images, or a cloud of 2-D points
+            keep = trajectory_examples
             trajectory.append((int(chain.timestep_map[i]), x[:keep].cpu(), pred_x0[:keep].cpu()))
     return x, trajectory
-
-
-def to_levels(x: torch.Tensor, num_levels: int) -> np.ndarray:
-    """Images in [-1, 1] -> uint8 NHWC on the data's `num_levels` values 0..num_levels-1."""
-    q = ((x.clamp(-1, 1) + 1) / 2 * (num_levels - 1)).round().to(torch.uint8)
-    return q.permute(0, 2, 3, 1).numpy()
-
-
-def sample(cfg: DictConfig, output_dir: Path) -> Path:
-    """Load, sample and write samples.png, samples.npz (and trajectory.png) to `output_dir`."""
-    with user_errors():  # every check, before the long work
-        trained = load_trained_for(cfg)
-        check_sampling(
-            trained.diffusion, cfg.num_samples, cfg.batch_size, cfg.sampler, cfg.steps, cfg.eta
-        )
-    clip = cfg.clip_denoised
-    if clip is None:
-        clip = trained.run_config["model"].get("clip_denoised", True)
-    device = pick_device(cfg.device)
-    samples, trajectory = generate(
-        trained,
-        cfg.num_samples,
-        cfg.batch_size,
-        cfg.sampler,
-        cfg.steps,
-        cfg.eta,
-        clip,
-        cfg.seed,
-        trajectory_points=10 if cfg.trajectory else 0,
-        device=device,
-    )
-    if world()[0] != 0:
-        return output_dir  # rank 0 writes
-    datamodule = trained.datamodule()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if samples.ndim == 4:
-        Image.fromarray(image_grid(samples[:64])).save(output_dir / "samples.png")
-        levels = datamodule.num_levels or 256
-        np.savez(output_dir / "samples.npz", samples=to_levels(samples, levels), num_levels=levels)
-    else:
-        Image.fromarray(scatter_plot(samples, datamodule.test_data)).save(
-            output_dir / "samples.png"
-        )
-        np.savez(output_dir / "samples.npz", samples=samples.numpy().astype(np.float32))
-    if trajectory:
-        Image.fromarray(trajectory_figure(trajectory)).save(output_dir / "trajectory.png")
-    log.info(f"{len(samples)} samples ({cfg.sampler}) written to {output_dir}")
-    return output_dir
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
-def main(cfg: DictConfig) -> None:
-    sample(cfg, Path(HydraConfig.get().runtime.output_dir))
-
-
-if __name__ == "__main__":
-    main()

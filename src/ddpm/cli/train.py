@@ -1,4 +1,4 @@
-"""Training entry logic: build everything from a Hydra config, check it, then fit."""
+"""`python train.py` / `ddpm-train`: build everything from the Hydra config, check it, then fit."""
 
 from __future__ import annotations
 
@@ -8,16 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hydra
 import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
 
 from ddpm.backbones import compile_backbone, set_matmul_precision
+from ddpm.callbacks import NanGuard, NonFiniteLossError
 from ddpm.checkpoint import check_same_model, read_checkpoint
-from ddpm.cli import user_errors
+from ddpm.cli.common import CONF_DIR, user_errors
 from ddpm.loggers import finish_wandb, guard_logger
-from ddpm.module import DiffusionModule, NonFiniteLossError
+from ddpm.module import DiffusionModule
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +86,9 @@ def build(cfg: DictConfig) -> Run:
     )
     datamodule.per_device_batch_size(trainer.world_size)
     _check_not_ddp_in_local_sweep(trainer)
-    if module.hparams.on_nan == "skip" and trainer.world_size > 1:
-        raise ValueError(
-            "model.on_nan=skip works in one process only (a skipped step on one rank would stall "
-            f"the others); with {trainer.world_size} processes use model.on_nan=stop."
-        )
+    for callback in trainer.callbacks:
+        if isinstance(callback, NanGuard):
+            callback.check_processes(trainer.world_size)
     num_params = sum(p.numel() for p in backbone.parameters())
     log.info(f"backbone {_choice('backbone')}: {num_params:,} parameters ({num_params / 1e6:.1f}M)")
     return Run(datamodule, module, trainer, ckpt_path)
@@ -152,13 +152,37 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float:
-    """The final value of `optimized_metric`, what train.py returns to a sweeper."""
-    key = cfg.get("optimized_metric", "val/loss")
-    if key not in metrics:
-        with user_errors():
-            raise ValueError(
-                f"optimized_metric={key!r} was not logged by this run: allowed are "
-                f"{', '.join(sorted(metrics))}."
-            )
-    return metrics[key]
+def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The final value of `optimized_metric`, what train.py returns to a sweeper. Only a sweeper
+    that optimises (e.g. hparams_search=optuna) needs it: there a metric the run never logged is
+    one sentence naming what it did log; elsewhere the run ends normally."""
+    key = cfg.get("optimized_metric")
+    if key in metrics or not _sweeper_optimises():
+        return metrics.get(key)
+    logged = ", ".join(sorted(metrics)) or "none (this run logged no metrics)"
+    with user_errors():
+        raise ValueError(
+            f"optimized_metric={key!r} was not logged by this run: allowed are {logged}."
+        )
+    return None
+
+
+def _sweeper_optimises() -> bool:
+    """Whether this job runs under a sweeper that reads its return value (not Hydra's basic
+    sweeper, which only runs the grid)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    return not HydraConfig.get().sweeper.get("_target_", "").endswith("BasicSweeper")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Train; return the final `optimized_metric` (what a sweeper optimises)."""
+    return optimized_value(cfg, train(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""What the command-line entry points share: the config folder and one-line user errors."""
+"""What the commands share: the config folder, resolvers and one-line user errors."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")  # the repository's conf/
 
 
 def short_dirname(name: str, limit: int = 200) -> str:

@@ -1,0 +1,139 @@
+"""`ddpm-eval ckpt_path=...` (or `python -m ddpm.cli.evaluate`): evaluate a trained checkpoint.
+
+Writes metrics.json, the per-t terms of the bound (bpd_terms.csv, bpd_terms.png) and prints a
+table: what the data module scores its examples by (`scores`): the NLL bound in bits/dim and
+FID/KID for images, energy and sliced Wasserstein distances for 2-D points.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from PIL import Image
+
+from ddpm.checkpoint import load_trained_for, pick_device
+from ddpm.cli.common import CONF_DIR, user_errors
+from ddpm.data.base import SPLITS
+from ddpm.distributed import world
+from ddpm.figures import bpd_terms_figure
+from ddpm.loggers import finish_wandb, guard_logger
+from ddpm.metrics import bound_bpd, fid_kid, inception_weights, point_distances
+from ddpm.sampling import check_sampling, generate
+
+
+def split_data(datamodule: Any, split: str, key: str = "split") -> torch.Tensor:
+    if split not in SPLITS:
+        raise ValueError(f"{key}={split!r} is unknown: allowed are {', '.join(SPLITS)}.")
+    return datamodule.split(split)
+
+
+def write_terms(terms_bpd: list[float], output_dir: Path) -> None:
+    """bpd_terms.csv (paper's t = 1..T, bits/dim) and bpd_terms.png (the rate against t)."""
+    with (output_dir / "bpd_terms.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["t", "bpd"])
+        writer.writerows([t + 1, value] for t, value in enumerate(terms_bpd))
+    Image.fromarray(bpd_terms_figure(terms_bpd)).save(output_dir / "bpd_terms.png")
+
+
+def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """Compute the configured metrics, write them to `output_dir` and the loggers, print them."""
+    started = time.perf_counter()
+    with user_errors():  # every check, before the long work
+        trained = load_trained_for(cfg)
+        datamodule = trained.datamodule
+        data = split_data(datamodule, cfg.split)
+        fid_wanted = "fid" in datamodule.scores and cfg.fid.enabled
+        if fid_wanted:
+            split_data(datamodule, cfg.fid.reference_split, "fid.reference_split")
+        num_samples = cfg.fid.num_samples if fid_wanted else len(data)
+        check_sampling(
+            trained.diffusion, num_samples, cfg.batch_size, cfg.sampler, cfg.steps, cfg.eta
+        )
+    device = pick_device(cfg.device)
+    clip = trained.clip_denoised(cfg.clip_denoised)
+    if cfg.max_examples is not None:
+        data = data[: cfg.max_examples]
+    sampling = dict(sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, clip_denoised=clip)
+    metrics: dict[str, Any] = {
+        "ckpt_path": str(cfg.ckpt_path),
+        "split": cfg.split,
+        "variance": trained.diffusion.variance,
+        "timesteps": trained.diffusion.num_timesteps,
+        "clip_denoised": clip,
+    }
+    if "bpd" in datamodule.scores and cfg.bpd:
+        bound = bound_bpd(
+            trained, data, datamodule.num_levels, cfg.batch_size, cfg.seed, device, clip
+        )
+        terms_bpd = bound.pop("terms_bpd")
+        if world()[0] == 0:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            write_terms(terms_bpd, output_dir)
+        metrics.update(bound, num_examples=len(data), num_levels=datamodule.num_levels)
+    if fid_wanted:
+        metrics["fid"] = None
+        weights = inception_weights(cfg.fid.weights_path)
+        if weights is not None:
+            samples, _ = generate(
+                trained, cfg.fid.num_samples, cfg.batch_size, **sampling, seed=cfg.seed,
+                device=device,
+            )  # fmt: skip
+            if world()[0] == 0:  # rank 0 computes the statistics
+                reference = datamodule.split(cfg.fid.reference_split)[: cfg.fid.num_reference]
+                scores = fid_kid(samples, reference, weights, cfg.batch_size, device)
+                metrics["fid"] = {
+                    **scores,
+                    "reference_split": cfg.fid.reference_split,
+                    "num_samples": cfg.fid.num_samples,
+                    "num_reference": len(reference),
+                }
+    if "distances" in datamodule.scores:
+        samples, _ = generate(
+            trained, len(data), cfg.batch_size, **sampling, seed=cfg.seed, device=device
+        )
+        second = datamodule.second_draw(len(data))
+        metrics["num_samples"], metrics["held_out_split"] = len(data), cfg.split
+        metrics.update(point_distances(samples, data, second, datamodule.train_data, cfg.seed))
+    metrics["seconds"] = round(time.perf_counter() - started, 1)
+    if world()[0] != 0:
+        return metrics  # rank 0 writes and logs
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    flat = _flatten(metrics)
+    loggers = [guard_logger(instantiate(v)) for v in (cfg.get("logger") or {}).values() if v]
+    for logger in loggers:
+        logger.log_metrics({f"eval/{k}": v for k, v in flat.items()})
+        logger.save()
+    finish_wandb(loggers)
+    print("\n".join(f"{k:<45} {v:.4f}" for k, v in flat.items()))
+    return metrics
+
+
+def _flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a nested dict, with '/'-joined keys."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = float(value)
+    return flat
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""What `ddpm-eval` measures: the variational bound in bits/dim over every t, FID and KID of
+images, and distances between 2-D point clouds."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ddpm.checkpoint import Trained
+from ddpm.distributed import batch_seed, gather_in_order, my_share
+
+log = logging.getLogger(__name__)
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # what torch-fidelity downloads
+
+
+def bound_bpd(
+    trained: Trained,
+    data: torch.Tensor,
+    num_levels: int,
+    batch_size: int,
+    seed: int = 0,
+    device: str = "cpu",
+    clip_denoised: bool = False,
+) -> dict[str, Any]:
+    """The full bound (every t) on `data`: mean and standard error of the total in bits/dim, the
+    mean prior term, and the mean of each term L_0..L_{T-1} over the examples. With
+    `clip_denoised` the model's mean uses the predicted x_0 clamped to [-1, 1], as sampling does
+    (and as the DDPM and improved-diffusion codes report the bound)."""
+    backbone, diffusion = trained.backbone.to(device), trained.diffusion.to(device)
+    done = []
+    for index, batch in tqdm(my_share(data.split(batch_size)), desc="bits/dim"):
+        generator = torch.Generator().manual_seed(batch_seed(seed, index))
+        out = diffusion.nll_bpd(
+            backbone, batch.to(device), num_levels, generator, clip_denoised=clip_denoised
+        )
+        done.append((index, {k: out[k].cpu() for k in ("total_bpd", "prior_bpd", "terms_bpd")}))
+    results = gather_in_order(done)
+    totals, priors, terms = (
+        [r[k] for r in results] for k in ("total_bpd", "prior_bpd", "terms_bpd")
+    )
+    total = torch.cat(totals)
+    return {
+        "bpd": total.mean().item(),
+        "bpd_stderr": (total.std() / len(total) ** 0.5).item() if len(total) > 1 else 0.0,
+        "prior_bpd": torch.cat(priors).mean().item(),
+        "terms_bpd": torch.cat(terms).mean(dim=0).tolist(),
+    }
+
+
+def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """2 E|X-Y| - E|X-X'| - E|Y-Y'| (Szekely & Rizzo), unbiased within-sample means."""
+    x, y = x.double(), y.double()
+
+    def within(z: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(z, z).sum() / (len(z) * (len(z) - 1))
+
+    return (2 * torch.cdist(x, y).mean() - within(x) - within(y)).item()
+
+
+def sliced_wasserstein(
+    x: torch.Tensor, y: torch.Tensor, num_projections: int = 256, seed: int = 0
+) -> float:
+    """Sliced 2-Wasserstein distance: the root mean over random directions of the squared W2
+    between the projected samples, compared quantile by quantile."""
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.randn(x.shape[1], num_projections, generator=g, dtype=torch.float64)
+    directions /= directions.norm(dim=0, keepdim=True)
+    levels = torch.linspace(0, 1, min(len(x), len(y)), dtype=torch.float64)
+    qx = torch.quantile(x.double() @ directions, levels, dim=0)
+    qy = torch.quantile(y.double() @ directions, levels, dim=0)
+    return ((qx - qy) ** 2).mean().sqrt().item()
+
+
+def point_distances(
+    samples: torch.Tensor,
+    held_out: torch.Tensor,
+    second_draw: torch.Tensor,
+    train: torch.Tensor,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Model samples vs held-out points, beside a second independent draw of the data (the
+    floor) and a Gaussian fitted to the training points (a baseline the model must beat)."""
+    g = torch.Generator().manual_seed(seed)
+    train = train.double()
+    chol = torch.linalg.cholesky(torch.cov(train.T))
+    noise = torch.randn(len(held_out), train.shape[1], generator=g, dtype=torch.float64)
+    gaussian = (train.mean(0) + noise @ chol.T).float()
+    result = {}
+    for name, fn in (
+        ("energy_distance", energy_distance),
+        ("sliced_wasserstein", sliced_wasserstein),
+    ):
+        result[name] = {
+            "model": fn(samples, held_out),
+            "floor_two_held_out_draws": fn(second_draw, held_out),
+            "gaussian_baseline": fn(gaussian, held_out),
+        }
+    return result
+
+
+def inception_weights(weights_path: str | None) -> Path | None:
+    """The Inception weights file FID/KID need, or None (with one line saying why) when it or
+    torch-fidelity is missing."""
+    weights = Path(weights_path or Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
+    try:
+        import torch_fidelity  # noqa: F401 - torchmetrics' Inception network comes from it
+    except ImportError:
+        log.warning(
+            "FID/KID skipped: install torch-fidelity (pip install -e '.[fid]') to enable them."
+        )
+        return None
+    if not weights.is_file():
+        log.warning(
+            f"FID/KID skipped: no Inception weights at {weights}; put {INCEPTION_FILE} there "
+            "(torch-fidelity's pt_inception-2015-12-05) or set fid.weights_path=<file>."
+        )
+        return None
+    return weights
+
+
+def fid_kid(
+    samples: torch.Tensor,
+    reference: torch.Tensor,
+    weights: Path,
+    batch_size: int,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """FID and KID (torchmetrics, one Inception network from `weights`) of images in [-1, 1]
+    against reference images."""
+    from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    inception = NoTrainInceptionV3(
+        name="inception-v3-compat",
+        features_list=["2048"],
+        feature_extractor_weights_path=str(weights),
+    )
+    # One network for both; with it given as a module, the metrics take uint8 images.
+    fid = FrechetInceptionDistance(feature=inception).to(device)
+    kid = KernelInceptionDistance(feature=inception, subset_size=min(1000, len(samples)))
+    kid = kid.to(device)
+    for images, real in ((reference, True), (samples, False)):
+        images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        images = images.expand(-1, 3, -1, -1)  # grey -> RGB
+        for batch in images.split(batch_size):
+            fid.update(batch.to(device), real=real)
+            kid.update(batch.to(device), real=real)
+    kid_mean, kid_std = kid.compute()
+    return {"fid": fid.compute().item(), "kid_mean": kid_mean.item(), "kid_std": kid_std.item()}
