@@ -101,3 +101,71 @@ def test_terms_are_finite_at_t0_where_the_posterior_variance_is_zero() -> None:
     t = torch.tensor([0, 1])
     out = d.vb_terms_bpd(torch.zeros_like(x0), x0, d.q_sample(x0, t), t, num_levels=256)
     assert torch.isfinite(out).all() and out.dtype == torch.float32
+
+
+def reference_log_bin(x: float, mean: float, scale: float, num_levels: int) -> float:
+    """log P(bin of x) under N(mean, scale^2) with 50-digit arithmetic (mpmath), each bin's mass
+    taken as a difference within the tail it lies in."""
+    import mpmath
+
+    mpmath.mp.dps = 50
+    h = mpmath.mpf(1) / (num_levels - 1)
+    x, mean, scale = mpmath.mpf(x), mpmath.mpf(mean), mpmath.mpf(scale)
+    a, b = (x - mean - h) / scale, (x - mean + h) / scale
+    if x < -1 + h / 2:
+        return float(mpmath.log(mpmath.ncdf(b)))
+    if x > 1 - h / 2:
+        return float(mpmath.log(mpmath.ncdf(-a)))
+    if b <= 0:
+        mass = mpmath.ncdf(b) - mpmath.ncdf(a)
+    elif a >= 0:
+        mass = mpmath.ncdf(-a) - mpmath.ncdf(-b)
+    else:
+        mass = 1 - mpmath.ncdf(a) - mpmath.ncdf(-b)
+    return float(mpmath.log(mass))
+
+
+@pytest.mark.parametrize("num_levels", [17, 256])
+def test_discretized_likelihood_is_exact_far_in_the_tails(num_levels: int) -> None:
+    """Every bin (outer and inner), the mean up to 40 levels away and scales from 1e-3 to 2:
+    within 1e-12 (relative, or absolute near 0) of the 50-digit value. A difference of ndtr
+    values would floor such a bin at log(1e-300), ~996.6 bits, where the truth is ~56 bits."""
+    cases = []
+    for k in (0, 1, num_levels // 2, num_levels - 2, num_levels - 1):
+        x = -1 + 2 * k / (num_levels - 1)
+        for offset in (-40, -9, -1, -0.3, 0, 0.4, 1, 8.5, 35):
+            for scale in (1e-3, 0.01, 0.05, 0.3, 2.0):
+                cases.append((x, x + offset * 2 / (num_levels - 1), scale))
+    x, mean, scale = (torch.tensor(c, dtype=torch.float64) for c in zip(*cases, strict=True))
+    got = discretized_gaussian_log_likelihood(x, mean, scale.log(), num_levels)
+    expected = torch.tensor([reference_log_bin(*c, num_levels) for c in cases], dtype=torch.float64)
+    assert torch.isfinite(got).all()
+    assert ((got - expected).abs() / expected.abs().clamp(min=1)).max() < 1e-12
+    # The issue's example: 17 levels, the mean one level off, a bin ~8.5 sigma out: ~56 bits.
+    h = 2 / 16
+    one = discretized_gaussian_log_likelihood(
+        torch.tensor([0.0], dtype=torch.float64),
+        torch.tensor([h], dtype=torch.float64),
+        torch.tensor([math.log(h / 2 / 8.8)], dtype=torch.float64),
+        17,
+    )
+    assert 40 < -one.item() / math.log(2) < 80
+
+
+def test_clipped_bound_is_the_bound_of_the_clipped_eps() -> None:
+    """vb_terms_bpd with clip_denoised equals, computed independently, the unclipped terms of the
+    eps that the clamped predicted x_0 implies (eq. 4 solved for eps)."""
+    diffusion = GaussianDiffusion(make_beta_schedule("linear", T))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, 17, (6, 1, 4, 4), generator=g).double() / 8 - 1
+    t = torch.tensor([0, 1, 5, 20, 40, 59])
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    x_t = diffusion.q_sample(x0, t, noise)
+    eps = 3 * torch.randn(x0.shape, generator=g, dtype=torch.float64)  # pred_x0 well outside
+    abar = diffusion.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    pred_x0 = ((x_t - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+    clipped_eps = (x_t - abar.sqrt() * pred_x0) / (1 - abar).sqrt()
+    got = diffusion.vb_terms_bpd(eps, x0, x_t, t, 17, clip_denoised=True)
+    expected = diffusion.vb_terms_bpd(clipped_eps, x0, x_t, t, 17)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(got, diffusion.vb_terms_bpd(eps, x0, x_t, t, 17))

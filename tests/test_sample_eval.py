@@ -78,6 +78,7 @@ def test_eval_cli_writes_the_bound_and_skips_fid_in_one_line(digits_ckpt, tmp_pa
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_examples"] == 20 and metrics["num_levels"] == 17
     assert 0 < metrics["bpd"] < 20 and metrics["fid"] is None
+    assert metrics["clip_denoised"] is True  # as trained (model.clip_denoised), as sampled
     rows = list(csv.DictReader((out / "bpd_terms.csv").open()))
     assert [int(r["t"]) for r in rows] == list(range(1, 51))
     total = sum(float(r["bpd"]) for r in rows) + metrics["prior_bpd"]
@@ -270,3 +271,33 @@ def test_torchrun_splits_sampling_and_the_bound_over_processes(digits_ckpt: Path
     assert np.array_equal(outputs["one"][0], outputs["two"][0]) and len(outputs["one"][0]) == 5
     assert outputs["one"][1]["bpd"] == outputs["two"][1]["bpd"]
     assert outputs["one"][1]["num_examples"] == outputs["two"][1]["num_examples"] == 5
+
+
+def test_eval_bound_follows_clip_denoised(digits_ckpt: Path, compose_cfg, tmp_path) -> None:
+    """The bound is that of the model the sampler runs: clipped by default for a model trained
+    with clipping, and `clip_denoised=false` gives the unclipped model's (another number)."""
+    results = {}
+    overrides = [f"ckpt_path={digits_ckpt}", "max_examples=8", "logger=none", "fid.enabled=false"]
+    for clip in ("null", "false", "true"):
+        cfg = compose_cfg([*overrides, f"clip_denoised={clip}"], config_name="eval")
+        results[clip] = evaluate(cfg, tmp_path / clip)
+    assert results["null"]["clip_denoised"] is True and results["false"]["clip_denoised"] is False
+    assert results["null"]["bpd"] == results["true"]["bpd"] != results["false"]["bpd"]
+    saved = json.loads((tmp_path / "false" / "metrics.json").read_text())
+    assert saved["clip_denoised"] is False
+
+
+def test_lightning_load_from_checkpoint_rebuilds_the_module(digits_ckpt: Path) -> None:
+    """Lightning's idiom: the module is rebuilt from the run's config stored in the checkpoint,
+    with the EMA weights, also when loading with weights_only=True."""
+    from ddpm.module import DiffusionModule
+
+    stored = torch.load(digits_ckpt, weights_only=True)
+    for weights_only in (True, None):
+        module = DiffusionModule.load_from_checkpoint(digits_ckpt, weights_only=weights_only)
+        assert module.diffusion.num_timesteps == 50 and module.diffusion.variance == "beta"
+        state = module.state_dict()
+        assert state.keys() == stored["state_dict"].keys()
+        assert all(torch.equal(v, stored["state_dict"][k]) for k, v in state.items())
+    samples = module.sample(3, torch.Generator().manual_seed(0))
+    assert samples.shape == (3, 1, 8, 8) and torch.isfinite(samples).all()

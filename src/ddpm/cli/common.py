@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -103,3 +105,24 @@ def user_errors() -> Iterator[None]:
             raise
         print(f"Error: {message}", file=sys.stderr)
         sys.exit(1)
+
+
+# What the console would show that the project cannot fix and a user need not read: deprecation
+# notices raised inside Lightning and torchdata about their own calls, Lightning's advertising
+# tip, and its warning that an epoch is shorter than log_every_n_steps (our runs count steps
+# across epochs). Each is matched by its message and the module that raises it, nothing wider.
+KNOWN_NOISE = (
+    (r".*'set_vital' is deprecated", r"torchdata\.stateful_dataloader"),
+    (r".*isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities"),
+    (r".*torch\.distributed\.nn\.functional\.all_gather is deprecated", r"lightning\.fabric"),
+    (r"The number of training batches .* is smaller than the logging interval", r"lightning"),
+)
+
+
+def quiet_known_noise() -> None:
+    """Filter `KNOWN_NOISE` and Lightning's tip lines from this process's console."""
+    for message, module in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=message, module=module)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not record.getMessage().startswith("💡 Tip")
+    )

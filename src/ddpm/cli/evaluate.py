@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from ddpm.checkpoint import load_trained_for, pick_device
-from ddpm.cli.common import CONF_DIR, user_errors
+from ddpm.cli.common import CONF_DIR, quiet_known_noise, user_errors
 from ddpm.data.base import SPLITS
 from ddpm.distributed import world
 from ddpm.figures import bpd_terms_figure
@@ -132,6 +132,7 @@ def _flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
+    quiet_known_noise()
     evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 

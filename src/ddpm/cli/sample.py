@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from ddpm.checkpoint import load_trained_for, pick_device
-from ddpm.cli.common import CONF_DIR, user_errors
+from ddpm.cli.common import CONF_DIR, quiet_known_noise, user_errors
 from ddpm.distributed import world
 from ddpm.sampling import check_sampling, generate
 
@@ -52,6 +52,7 @@ def sample(cfg: DictConfig, output_dir: Path) -> Path:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
+    quiet_known_noise()
     sample(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 

@@ -17,7 +17,7 @@ from omegaconf.errors import InterpolationKeyError
 from ddpm.backbones import compile_backbone, set_matmul_precision
 from ddpm.callbacks import NanGuard, NonFiniteLossError
 from ddpm.checkpoint import check_same_model, read_checkpoint
-from ddpm.cli.common import CONF_DIR, user_errors
+from ddpm.cli.common import CONF_DIR, quiet_known_noise, user_errors
 from ddpm.loggers import finish_wandb, guard_logger
 from ddpm.module import DiffusionModule
 
@@ -149,6 +149,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         finish_wandb(run.trainer.loggers)
     metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items()}
     log.info("final metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+    log.info(f"outputs (checkpoints, samples, logs) in {cfg.paths.output_dir}")
     return metrics
 
 
@@ -181,6 +182,7 @@ def _sweeper_optimises() -> bool:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train; return the final `optimized_metric` (what a sweeper optimises)."""
+    quiet_known_noise()
     return optimized_value(cfg, train(cfg))
 
 
