@@ -91,6 +91,8 @@ class CheckOutputFolder(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with user_errors():
             check_writable_folder(config.hydra.sweep.dir)
+        # a sweeper may keep its state there before any job runs (Optuna's SQLite study)
+        Path(config.paths.log_dir).mkdir(parents=True, exist_ok=True)
 
 
 @contextmanager

@@ -1,0 +1,296 @@
+"""The README's commands are the test: every command in its Examples and Sample-and-evaluate
+sections and every row of its Troubleshooting table runs here as a subprocess, as a user types
+it, shortened only by overrides (a short chain, few steps, few samples), and is checked for its
+exit status and what the README says it leaves or prints. A command added to the README without
+an entry here fails `test_every_readme_command_is_covered`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+
+# Appended to (or replacing the value of) a README command's own keys: minutes become seconds.
+SHORT = ["timesteps=50", "trainer.max_steps=12", "callbacks.samples.num_samples=4"]
+
+# Commands that need what this machine lacks, with the reason.
+SKIPPED = {
+    "python train.py trainer=ddp": "needs GPUs (DDP on all visible GPUs)",
+    "python train.py data=cifar10 data.download=true": "downloads CIFAR-10 (no internet here)",
+    "python train.py experiment=ddpm_cifar10 trainer=ddp logger=wandb": "needs GPUs and CIFAR-10",
+    "python train.py -m experiment=ddpm_cifar10 trainer=ddp hydra/launcher=slurm "
+    "hydra.launcher.nodes=4": "needs a SLURM cluster",
+}
+
+# Extra overrides per command (beyond SHORT), and why.
+EXTRA = {
+    # Inductor needs minutes on 2 CPU cores; the eager backend runs the same torch.compile path.
+    "python train.py trainer.precision=bf16-mixed compile=true": ["compile={backend: eager}"],
+    "python train.py experiment=toy2d data.name=moons": ["data.num_train=2000"],
+    "python train.py data=image_folder data.root=~/faces data.image_size=64": [
+        "data.batch_size=8",
+        "data.image_size=16",
+    ],
+    "python train.py hparams_search=optuna experiment=mnist": [
+        "trainer=cpu",  # the preset asks for a GPU
+        "hydra.sweeper.n_trials=2",
+        "trainer.max_steps=2",
+        "data.batch_size=8",
+        "backbone.base_channels=8",
+        "backbone.num_groups=8",
+        "model.val_bpd_every=0",
+        "paths.data_dir=mnist-files",
+    ],
+    "ddpm-sample ckpt_path=$CK sampler=respaced steps=100": ["steps=10"],  # T is 50 here
+    "ddpm-sample ckpt_path=$CK variance=tilde_beta trajectory=true num_samples=1000": [
+        "num_samples=16"
+    ],
+    "ddpm-eval ckpt_path=$CK": ["max_examples=20"],
+}
+
+
+def section(title: str) -> str:
+    start = README.index(f"\n## {title}\n")
+    end = README.find("\n## ", start + 1)
+    return README[start : end if end > 0 else None]
+
+
+def commands(title: str) -> list[str]:
+    """The commands in a section's bash blocks, without their comments (`CK=...` is kept)."""
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", section(title), flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                found.append(re.sub(r"\s+", " ", line))
+    return found
+
+
+def troubleshooting_rows() -> list[tuple[str, str]]:
+    rows = re.findall(r"^\| `([^`]+)`[^|]*\| `(.+)` \|$", section("Troubleshooting: errors"), re.M)
+    assert len(rows) >= 30, rows
+    return rows
+
+
+def with_overrides(command: str, extra: list[str]) -> list[str]:
+    """The command's words with `extra` key=values: a key the command sets gets the new value,
+    other keys are appended."""
+    words = shlex.split(command)
+    for override in extra:
+        key = override.split("=", 1)[0]
+        same = [i for i, w in enumerate(words) if w.split("=", 1)[0] == key]
+        if same:
+            words[same[0]] = override
+        else:
+            words.append(override)
+    return words
+
+
+def run(words: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a README command: `python` is this interpreter, `ddpm-*` the installed scripts."""
+    program = {"python": [sys.executable]}.get(words[0])
+    if program is None:
+        program = [shutil.which(words[0]) or words[0]]
+    if words[:2] == ["python", "train.py"]:
+        words = ["python", str(ROOT / "train.py"), *words[2:]]
+    full_env = {**os.environ, "WANDB_MODE": "", "HYDRA_FULL_ERROR": "0", **(env or {})}
+    full_env.pop("WANDB_API_KEY", None)
+    return subprocess.run(
+        [*program, *words[1:]], cwd=cwd, capture_output=True, text=True, env=full_env, timeout=600
+    )
+
+
+def only(paths: list[Path]) -> Path:
+    assert len(paths) == 1, paths
+    return paths[0]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """The folder the commands run in, like a user's clone: outputs/ and data/ under it, with
+    fake MNIST files and a folder of images standing in for ~/faces."""
+    from fake_data import write_image_folder, write_mnist
+
+    root = tmp_path_factory.mktemp("user")
+    write_mnist(root / "mnist-files", "MNIST")
+    write_image_folder(root / "faces")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ckpt(workdir: Path) -> Path:
+    """The checkpoint the Sample-and-evaluate commands use ($CK): the README's first command,
+    shortened."""
+    result = run(with_overrides("python train.py hydra.run.dir=outputs/ck", SHORT), workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir / "outputs" / "ck" / "checkpoints" / "last.ckpt"
+
+
+def test_every_readme_command_is_covered() -> None:
+    listed = commands("Examples") + commands("Sample and evaluate")
+    assert len(listed) >= 20
+    for command in listed:
+        assert (
+            command.startswith(("python train.py", "ddpm-sample", "ddpm-eval", "python -m ddpm"))
+            or command.startswith("CK=")
+        ), command
+    for command in list(SKIPPED) + list(EXTRA):
+        assert command in listed, f"{command!r} is no longer in the README"
+
+
+def runs_in(run_root: Path) -> list[Path]:
+    return sorted(p for p in run_root.iterdir() if p.is_dir()) if run_root.is_dir() else []
+
+
+def check_train_run(folder: Path, steps: int, csv_logs: bool = True) -> None:
+    """What the README's Outputs section promises of a finished run, however short."""
+    assert (folder / ".hydra" / "config.yaml").is_file()
+    last = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == steps
+    assert only(list((folder / "checkpoints").glob("best-step-*.ckpt")))
+    assert (folder / "samples" / f"step_{steps:07d}.png").is_file()  # the final validation's
+    assert (folder / "schedule.png").is_file()
+    if csv_logs:
+        rows = list(csv.DictReader((folder / "csv" / "metrics.csv").open()))
+        assert any(r.get("val/loss") for r in rows) and any(r.get("train/loss") for r in rows)
+
+
+@pytest.mark.parametrize("command", commands("Examples"))
+def test_examples(command: str, workdir: Path, ckpt: Path, tmp_path: Path) -> None:
+    if command in SKIPPED:
+        pytest.skip(SKIPPED[command])
+    extra = EXTRA.get(command, [])
+    command = command.replace("outputs/train/linear-beta/<time>/checkpoints/last.ckpt", str(ckpt))
+    command = command.replace("~/faces", str(workdir / "faces"))
+    words = with_overrides(command, [*SHORT, *extra])
+    if "ckpt_path=" + str(ckpt) in command:  # continue the checkpoint's run further
+        words = with_overrides(" ".join(words), ["trainer.max_steps=16"])
+    log_dir = tmp_path / "outputs"
+    words.append(f"paths.log_dir={log_dir}")
+    env = {"NETRC": str(tmp_path / "no-netrc")}
+    result = run(words, workdir, env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    for noise in ("LeafSpec", "set_vital", "💡 Tip", "Total FLOPs", "Traceback"):
+        assert noise not in output, noise
+    if "--cfg" in words:
+        assert "diffusion:" in result.stdout and not log_dir.exists()
+        return
+    if "hparams_search=optuna" in command:
+        assert len(list(log_dir.glob("train/multirun/*/optimization_results.yaml"))) == 1
+        return
+    if "-m" in words:  # the 2x2 sweep: four job folders, each a finished run
+        jobs = runs_in(only(runs_in(log_dir / "train" / "multirun")))
+        assert [j.name.split("_", 1)[0] for j in jobs] == ["0", "1", "2", "3"]
+        for job in jobs:
+            check_train_run(job, 12)
+        return
+    if "hydra.run.dir=outputs/train/my-run" in command:
+        folder = workdir / "outputs" / "train" / "my-run"
+        check_train_run(folder, 12)
+        again = run([*words[:-1], "trainer.max_steps=14", words[-1]], workdir, env)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "ckpt_path=auto: resuming from" in again.stdout + again.stderr
+        check_train_run(folder, 14)
+        shutil.rmtree(folder)
+        return
+    steps = 16 if "ckpt_path=" in command else 12
+    folder = only([r for f in runs_in(log_dir / "train") for r in runs_in(f)])
+    check_train_run(folder, steps, csv_logs="logger=" not in command)
+    assert "parameters" in (folder / "train.log").read_text()
+    if "schedule=cosine" in command:
+        assert folder.parent.name == "cosine-tilde_beta"
+    if "logger=wandb" in command:
+        assert only(list((folder / "wandb").glob("offline-run-*")))
+        assert "wandb sync" in output
+    if "trainer.devices=2" in command:
+        assert "MEMBER: 2/2" in output
+
+
+@pytest.mark.parametrize("command", commands("Sample and evaluate"))
+def test_sample_and_evaluate(command: str, ckpt: Path, workdir: Path, tmp_path: Path) -> None:
+    if command.startswith("CK="):
+        return  # the README's shorthand for the checkpoint, set by the `ckpt` fixture
+    words = with_overrides(command, EXTRA.get(command, []))
+    words = [w.replace("$CK", str(ckpt)) for w in words] + [f"paths.log_dir={tmp_path}"]
+    result = run(words, workdir)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    if words[0] == "ddpm-sample":
+        folder = only(runs_in(only(runs_in(tmp_path / "sample"))))
+        assert (folder / "samples.png").is_file() and (folder / "samples.npz").is_file()
+        assert (folder / "trajectory.png").is_file() == ("trajectory=true" in command)
+    else:
+        folder = only(runs_in(only(runs_in(tmp_path / "eval"))))
+        for name in ("metrics.json", "bpd_terms.csv", "bpd_terms.png"):
+            assert (folder / name).is_file(), name
+        assert "bpd" in result.stdout and "clip_denoised" in (folder / "metrics.json").read_text()
+
+
+def message_pattern(message: str) -> str:
+    """The README's message as a regular expression: `...`, `<...>`, N and T stand for anything."""
+    parts = re.split(r"(\.\.\.|<[^>]*>|\b[NT]\b)", message)
+    return "".join(".*" if i % 2 else re.escape(p) for i, p in enumerate(parts))
+
+
+def test_troubleshooting_rows(ckpt: Path, workdir: Path, tmp_path: Path) -> None:
+    """Each row: exit status 1 and the one-line message the README shows, nothing already
+    written touched. The rows run two at a time (they are mostly start-up)."""
+    previous = ckpt.parent.parent
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(ckpt.read_bytes()[:1000])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    (tmp_path / "no-images").mkdir()
+    places = {
+        "outputs/train/linear-beta/<time>": str(previous),
+        "<truncated file>": str(truncated),
+        "<ckpt>": str(ckpt),
+        "<a file>": str(blocker),
+        "<no images>": str(tmp_path / "no-images"),
+        "<ckpt trained with 50>": str(ckpt),
+    }
+    before = {p: p.read_bytes() for p in sorted(previous.rglob("*")) if p.is_file()}
+    cases = []
+    for command, message in troubleshooting_rows():
+        for place, value in places.items():
+            command = command.replace(place, value)
+        words = shlex.split(command)
+        words = ["python", "train.py", *words[1:]] if words[0] == "train.py" else words
+        if words[:2] == ["python", "train.py"] and str(ckpt) in command:
+            words.append("timesteps=50")  # the checkpoint's T, so the row's key is the one named
+        if words[0] == "ddpm-sample" or words[0] == "ddpm-eval":
+            if not any(w.startswith("ckpt_path=") for w in words[1:]) and "required" not in message:
+                words.insert(1, f"ckpt_path={ckpt}")
+            words = [w for w in words if w != "..."]
+        if not any(w.startswith("paths.log_dir=") for w in words):
+            words.append(f"paths.log_dir={tmp_path / 'outputs'}")
+        cases.append((words, message))
+
+    def check(case: tuple[list[str], str]) -> str | None:
+        words, message = case
+        result = run(words, workdir)
+        last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+        if result.returncode != 1 or "Traceback" in result.stderr:
+            return f"{words}: exit {result.returncode}: {result.stderr[-500:]}"
+        if not re.fullmatch("Error: " + message_pattern(message), last):
+            return f"{words}: {last!r} does not read {message!r}"
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        failures = [f for f in pool.map(check, cases) if f]
+    assert not failures, "\n".join(failures)
+    assert {p: p.read_bytes() for p in sorted(previous.rglob("*")) if p.is_file()} == before
+    assert blocker.read_text() == "not a folder\n"
