@@ -53,6 +53,7 @@ EXTRA = {
         "backbone.num_groups=8",
         "model.val_bpd_every=0",
         "paths.data_dir=mnist-files",
+        "data.val_size=8",  # the fake MNIST has 40 training images
     ],
     "ddpm-sample ckpt_path=$CK sampler=respaced steps=100": ["steps=10"],  # T is 50 here
     "ddpm-sample ckpt_path=$CK variance=tilde_beta trajectory=true num_samples=1000": [
