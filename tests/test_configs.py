@@ -116,6 +116,8 @@ def test_experiments_build(compose_cfg, fake_data: Path, experiment: str) -> Non
     """Every preset builds (on the CPU, with fake files where it reads files)."""
     data = {"mnist": "mnist", "ddpm_cifar10": "cifar10", "ddpm_cifar10_cosine": "cifar10"}
     overrides = ["logger=none", "trainer.accelerator=cpu", "trainer.devices=1"]
+    if experiment in data:  # the fake files hold a few dozen images, fewer than one batch of 128
+        overrides.append("data.batch_size=2")
     run = build(
         compose_cfg(
             [
@@ -267,3 +269,14 @@ def test_seed_makes_a_cpu_run_repeatable(compose_cfg) -> None:
     assert first["train/loss"] == second["train/loss"] and first["val/loss"] == second["val/loss"]
     third = train(compose_cfg([*overrides, "seed=7"]))
     assert third["train/loss"] != first["train/loss"]
+
+
+def test_val_bpd_cadence_is_kept_in_checkpoints(compose_cfg) -> None:
+    """The count of validations (which decides when val/bpd is due) survives a resume."""
+    module = build(compose_cfg([*FAST, "logger=none"])).module
+    module.num_validations = 7
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    fresh = build(compose_cfg([*FAST, "logger=none"])).module
+    fresh.on_load_checkpoint(checkpoint)
+    assert fresh.num_validations == 7

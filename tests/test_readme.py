@@ -261,6 +261,8 @@ def test_troubleshooting_rows(ckpt: Path, workdir: Path, tmp_path: Path) -> None
         "<ckpt>": str(ckpt),
         "<a file>": str(blocker),
         "<no images>": str(tmp_path / "no-images"),
+        "<12 images>": str(workdir / "faces"),
+        "<40 MNIST images>": str(workdir / "mnist-files"),
         "<ckpt trained with 50>": str(ckpt),
     }
     before = {p: p.read_bytes() for p in sorted(previous.rglob("*")) if p.is_file()}

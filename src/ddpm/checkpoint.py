@@ -34,7 +34,13 @@ class Trained:
 
     def clip_denoised(self, asked: bool | None = None) -> bool:
         """Whether to clamp the predicted x_0 to [-1, 1]: `asked`, or (None) as trained."""
-        return self.run_config["model"].get("clip_denoised", True) if asked is None else asked
+        if asked is None:
+            return bool(self.run_config["model"].get("clip_denoised", True))
+        if not isinstance(asked, bool):
+            raise ValueError(
+                f"clip_denoised={asked!r} is invalid: allowed are true, false or null (as trained)."
+            )
+        return asked
 
 
 def read_checkpoint(ckpt_path: object) -> dict[str, Any]:

@@ -176,6 +176,12 @@ class DiffusionModule(pl.LightningModule):
         if not self.trainer.sanity_checking:
             self.num_validations += 1
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["num_validations"] = self.num_validations  # val_bpd_every's count, on resume
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.num_validations = checkpoint.get("num_validations", 0)
+
     def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         loss = self._fixed_noise_loss(batch[0], batch_idx)
         self.log("test/loss", loss, sync_dist=True, batch_size=batch[0].shape[0])

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -30,10 +29,11 @@ from ddpm.metrics import bound_bpd, fid_kid, inception_weights, point_distances
 from ddpm.sampling import check_sampling, generate
 
 
-def split_data(datamodule: Any, split: str, key: str = "split") -> torch.Tensor:
+def check_split(split: str, key: str = "split") -> str:
+    """A split name, or a one-sentence ValueError naming `key`."""
     if split not in SPLITS:
         raise ValueError(f"{key}={split!r} is unknown: allowed are {', '.join(SPLITS)}.")
-    return datamodule.split(split)
+    return split
 
 
 def write_terms(terms_bpd: list[float], output_dir: Path) -> None:
@@ -50,17 +50,17 @@ def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     with user_errors():  # every check, before the long work
         trained = load_trained_for(cfg)
+        clip = trained.clip_denoised(cfg.clip_denoised)
         datamodule = trained.datamodule
-        data = split_data(datamodule, cfg.split)
+        data = datamodule.split(check_split(cfg.split))
         fid_wanted = "fid" in datamodule.scores and cfg.fid.enabled
         if fid_wanted:
-            split_data(datamodule, cfg.fid.reference_split, "fid.reference_split")
+            check_split(cfg.fid.reference_split, "fid.reference_split")
         num_samples = cfg.fid.num_samples if fid_wanted else len(data)
         check_sampling(
             trained.diffusion, num_samples, cfg.batch_size, cfg.sampler, cfg.steps, cfg.eta
         )
     device = pick_device(cfg.device)
-    clip = trained.clip_denoised(cfg.clip_denoised)
     if cfg.max_examples is not None:
         data = data[: cfg.max_examples]
     sampling = dict(sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, clip_denoised=clip)

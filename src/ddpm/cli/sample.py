@@ -23,6 +23,7 @@ def sample(cfg: DictConfig, output_dir: Path) -> Path:
     """Load, sample and write samples.png, samples.npz (and trajectory.png) to `output_dir`."""
     with user_errors():  # every check, before the long work
         trained = load_trained_for(cfg)
+        clip = trained.clip_denoised(cfg.clip_denoised)
         check_sampling(
             trained.diffusion, cfg.num_samples, cfg.batch_size, cfg.sampler, cfg.steps, cfg.eta
         )
@@ -33,7 +34,7 @@ def sample(cfg: DictConfig, output_dir: Path) -> Path:
         cfg.sampler,
         cfg.steps,
         cfg.eta,
-        trained.clip_denoised(cfg.clip_denoised),
+        clip,
         cfg.seed,
         trajectory_points=10 if cfg.trajectory else 0,
         device=pick_device(cfg.device),

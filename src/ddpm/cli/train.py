@@ -84,7 +84,7 @@ def build(cfg: DictConfig) -> Run:
         callbacks=_instantiate_all(cfg.get("callbacks")),
         logger=[guard_logger(lg) for lg in _instantiate_all(cfg.get("logger"))] or False,
     )
-    datamodule.per_device_batch_size(trainer.world_size)
+    datamodule.check_training_batches(trainer.world_size)  # also loads the splits
     _check_not_ddp_in_local_sweep(trainer)
     for callback in trainer.callbacks:
         if isinstance(callback, NanGuard):
