@@ -301,3 +301,20 @@ def test_lightning_load_from_checkpoint_rebuilds_the_module(digits_ckpt: Path) -
         assert all(torch.equal(v, stored["state_dict"][k]) for k, v in state.items())
     samples = module.sample(3, torch.Generator().manual_seed(0))
     assert samples.shape == (3, 1, 8, 8) and torch.isfinite(samples).all()
+
+
+def test_a_schedule_choice_is_built_with_its_own_parameters(digits_ckpt: Path, compose_cfg) -> None:
+    """`schedule=` on ddpm-sample replaces the stored schedule node, parameters included (they
+    used to be dropped); a changed parameter is refused by its key unless allowed."""
+    from ddpm.schedules import make_beta_schedule
+
+    base = [f"ckpt_path={digits_ckpt}", "schedule=cosine", "schedule.s=0.02"]
+    cfg = compose_cfg([*base, "allow_schedule_change=true"], config_name="sample")
+    betas = load_trained_for(cfg).diffusion.betas
+    assert torch.equal(betas, make_beta_schedule("cosine", 50, s=0.02))
+    refused = compose_cfg(
+        [f"ckpt_path={digits_ckpt}", "schedule=linear", "schedule.beta_end=0.03"],
+        config_name="sample",
+    )
+    with pytest.raises(ValueError, match=r"schedule.beta_end=0.03 differs from the checkpoint's"):
+        load_trained_for(refused)
