@@ -11,6 +11,8 @@
 5. variants     (on a GPU, or with --variants) our training step under bf16 autocast,
                 channels-last and torch.compile against float32; sampling with the network
                 compiled (mode=reduce-overhead: CUDA graphs) against eager
+6. parameterisation  1 and the sampler alone of 2 again with v/learned_range/hybrid, and its
+                training step against eps/beta/simple on the same U-Net (bf16 on a GPU)
 
     python benchmarks/run.py --device cpu --out results.json      # a few minutes on 2 cores
     python benchmarks/run.py --device cuda --out results.json     # CIFAR-10 sizes
@@ -118,8 +120,21 @@ def ratio_of_pairs(numerator: list[float], denominator: list[float]) -> dict[str
     return {"ratio": median, "q1": q1, "q3": q3, "pairs": len(ratios)}
 
 
-def our_unet(size: Size) -> UNet:
+# (prediction, variance, loss): the paper's default, and Improved DDPM's with v-prediction
+PARAMETERISATIONS = {
+    "eps/beta/simple": ("eps", "beta", "simple"),
+    "v/learned_range/hybrid": ("v", "learned_range", "hybrid"),
+}
+
+
+def make_diffusion(parameterisation: str = "eps/beta/simple") -> GaussianDiffusion:
+    prediction, variance, loss = PARAMETERISATIONS[parameterisation]
+    return GaussianDiffusion(make_beta_schedule("linear", 1000), variance, prediction, loss)
+
+
+def our_unet(size: Size, learned_variance: bool = False) -> UNet:
     return UNet(
+        out_channels=size.channels * (2 if learned_variance else 1),
         in_channels=size.channels,
         image_size=size.image_size,
         base_channels=size.base_channels,
@@ -170,12 +185,16 @@ def loader(size: Size, n_batches: int) -> DataLoader:
     return DataLoader(TensorDataset(data(size, n_batches)), batch_size=size.batch)
 
 
-def plain_loop(size: Size, device: str, n_batches: int) -> Callable[[], None]:
+def plain_loop(
+    size: Size, device: str, n_batches: int, parameterisation: str = "eps/beta/simple"
+) -> Callable[[], None]:
     """What a researcher writes by hand: the same U-Net, L_simple, Adam, clipping at 1.0 and an
     EMA of the weights (torch._foreach_lerp_), over a DataLoader of in-memory images. Each call
-    fetches the next batch and takes one step."""
+    fetches the next batch and takes one step. Another parameterisation's objective is our
+    `GaussianDiffusion.training_loss` (so only the training loop around it differs)."""
     torch.manual_seed(0)
-    net = our_unet(size).to(device)
+    diffusion = make_diffusion(parameterisation).to(device)
+    net = our_unet(size, diffusion.learned_variance).to(device)
     ema = [p.detach().clone() for p in net.parameters()]
     opt = torch.optim.Adam(net.parameters(), lr=2e-4, foreach=True)
     abar = torch.cumprod(1 - make_beta_schedule("linear", 1000), 0).float().to(device)
@@ -184,10 +203,13 @@ def plain_loop(size: Size, device: str, n_batches: int) -> Callable[[], None]:
     def step() -> None:
         (x0,) = next(batches)
         x0 = x0.to(device, non_blocking=True)
-        t = torch.randint(0, 1000, (x0.shape[0],), device=device)
-        noise = torch.randn_like(x0)
-        a = abar[t].view(-1, 1, 1, 1)
-        loss = F.mse_loss(net(a.sqrt() * x0 + (1 - a).sqrt() * noise, t), noise)
+        if parameterisation == "eps/beta/simple":
+            t = torch.randint(0, 1000, (x0.shape[0],), device=device)
+            noise = torch.randn_like(x0)
+            a = abar[t].view(-1, 1, 1, 1)
+            loss = F.mse_loss(net(a.sqrt() * x0 + (1 - a).sqrt() * noise, t), noise)
+        else:  # L_0 as our module computes it without a data module: continuous
+            loss = diffusion.training_loss(net, x0, num_levels=None).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -230,16 +252,18 @@ class Interleaved(pl.Callback):
         self._lap()
 
 
-def overhead(size: Size, device: str, warmup: int, repeats: int) -> dict[str, Any]:
+def overhead(
+    size: Size, device: str, warmup: int, repeats: int, parameterisation: str = "eps/beta/simple"
+) -> dict[str, Any]:
     """Our DiffusionModule under Lightning's Trainer, set up as conf/ sets it up (foreach Adam,
     our EMA callback, clipping, logging every 50 steps), against the plain loop, one step of
-    each in turn within one `fit`."""
+    each in turn within one `fit`, both with `parameterisation`."""
     steps = warmup + repeats
-    interleaved = Interleaved(plain_loop(size, device, steps), device)
+    interleaved = Interleaved(plain_loop(size, device, steps, parameterisation), device)
     torch.manual_seed(0)
-    diffusion = GaussianDiffusion(make_beta_schedule("linear", 1000), "beta")
+    diffusion = make_diffusion(parameterisation)
     adam = functools.partial(torch.optim.Adam, lr=2e-4, foreach=True)
-    module = DiffusionModule(our_unet(size), diffusion, adam)
+    module = DiffusionModule(our_unet(size, diffusion.learned_variance), diffusion, adam)
     trainer = pl.Trainer(
         accelerator="gpu" if device.startswith("cuda") else "cpu",
         devices=1,
@@ -302,20 +326,32 @@ def diffusers_training(size: Size, device: str, warmup: int, repeats: int) -> di
 
 
 def diffusers_sampling(
-    size: Size, device: str, repeats: int, network: str = "unet"
+    size: Size,
+    device: str,
+    repeats: int,
+    network: str = "unet",
+    parameterisation: str = "eps/beta/simple",
 ) -> dict[str, Any]:
     """Ancestral sampling of `sample_batch` images for `sample_steps` steps of a T = 1000 chain,
     both samplers driving the same network: DDPMScheduler.step (what DDPMPipeline runs) vs our
     sample_loop. `network="unet"` is diffusers' U-Net; `"none"` returns its input scaled, so
-    that only the samplers' own work is timed."""
+    that only the samplers' own work is timed (with v/learned_range: the scaled input and a
+    variance value, for DDPMScheduler with prediction_type=v_prediction and
+    variance_type=learned_range)."""
     from diffusers import DDPMScheduler
 
     torch.manual_seed(0)
+    learned = parameterisation != "eps/beta/simple"
     if network == "unet":
         unet = diffusers_unet(size).to(device).eval()
 
         def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return unet(x, t).sample
+
+    elif learned:
+
+        def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([0.5 * x, 0.1 * x], dim=1)
 
     else:
 
@@ -324,8 +360,14 @@ def diffusers_sampling(
 
     K = size.sample_steps if network == "unet" else 1000
     shape = (size.sample_batch, size.channels, size.image_size, size.image_size)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
-    diffusion = GaussianDiffusion(make_beta_schedule("linear", 1000), "beta").respace(K).to(device)
+    kinds = {"prediction_type": "v_prediction", "variance_type": "learned_range"}
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        clip_sample=True,
+        **(kinds if learned else {}),
+    )
+    diffusion = make_diffusion(parameterisation).respace(K).to(device)
 
     @torch.no_grad()
     def theirs() -> None:
@@ -390,6 +432,33 @@ def training_variants(size: Size, device: str, warmup: int, repeats: int) -> dic
         }
         for name in steps
     }
+
+
+def parameterisation_cost(
+    size: Size, device: str, warmup: int, repeats: int, bf16: bool = False
+) -> dict[str, Any]:
+    """Our U-Net's training step (objective, backward, Adam) with v/learned_range/hybrid (2C
+    output channels, the bound's term in float32) against eps/beta/simple, optionally under bf16
+    autocast."""
+    x0 = data(size, 1).to(device)
+    steps: dict[str, Callable[[], None]] = {}
+    for name in PARAMETERISATIONS:
+        torch.manual_seed(0)
+        diffusion = make_diffusion(name).to(device)
+        net = our_unet(size, diffusion.learned_variance).to(device)
+        opt = torch.optim.Adam(net.parameters(), lr=2e-4, foreach=True)
+
+        def step(net=net, opt=opt, diffusion=diffusion) -> None:
+            with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=bf16):
+                loss = diffusion.training_loss(net, x0, num_levels=256).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        steps[name] = step
+    times = paired(steps, warmup, repeats, device)
+    eps, v = times["eps/beta/simple"], times["v/learned_range/hybrid"]
+    return {"bf16": bf16, **ratio_of_pairs(v, eps)}
 
 
 def sampling_variants(size: Size, device: str, repeats: int) -> dict[str, Any]:
@@ -514,6 +583,15 @@ def main() -> None:
         out: dict[str, Any] = {"size": size.__dict__}
         out["overhead"] = overhead(size, device, args.warmup, args.repeats)
         row(rows, name, "overhead: ours (Lightning) / plain step time", out["overhead"])
+        v = "v/learned_range/hybrid"
+        out["overhead_v"] = overhead(size, device, args.warmup, args.repeats, v)
+        row(rows, name, "overhead, v/learned_range: ours / plain step", out["overhead_v"])
+        out["parameterisation"] = parameterisation_cost(
+            size, device, args.warmup, args.repeats, bf16=device == "cuda"
+        )
+        precision = "bf16" if device == "cuda" else "fp32"
+        what = f"training ({precision}): v/learned_range / eps/beta time"
+        row(rows, name, what, out["parameterisation"])
         flops = training_flops(size)
         achieved = flops / out["overhead"]["lightning_seconds"]
         out["utilisation"] = {
@@ -532,11 +610,15 @@ def main() -> None:
                     "training": diffusers_training(size, device, args.warmup, args.repeats),
                     "sampling": diffusers_sampling(size, device, args.chains),
                     "sampler_alone": diffusers_sampling(size, device, args.chains, "none"),
+                    "sampler_alone_v": diffusers_sampling(
+                        size, device, args.chains, "none", "v/learned_range/hybrid"
+                    ),
                 }
                 for key, what in (
                     ("training", "training: ours / diffusers images/s"),
                     ("sampling", "sampling: diffusers / ours seconds"),
                     ("sampler_alone", "sampler alone (no network): diffusers / ours"),
+                    ("sampler_alone_v", "sampler alone, v/learned_range: diffusers / ours"),
                 ):
                     row(rows, name, what, out["diffusers"][key])
         if args.variants if args.variants is not None else device == "cuda":

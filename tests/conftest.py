@@ -13,6 +13,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+import ddpm.cli.common  # noqa: F401 - registers the resolvers the configs use
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 

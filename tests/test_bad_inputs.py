@@ -20,7 +20,14 @@ TRAIN = [
     (["timesteps=10"], r"schedule 'linear' .* timesteps=10 gives .* outside \(0, 1\)"),
     (["schedule.beta_end=2.0"], r"schedule.beta_end=2.0 .* outside \(0, 1\)"),
     (["schedule=cosine", "schedule.max_beta=1.5"], r"schedule.max_beta=1.5 .* outside \(0, 1\)"),
-    (["diffusion.variance=learned"], r"variance='learned' is unknown: allowed are 'beta' and"),
+    (["diffusion.variance=fixed"], r"variance='fixed' is unknown: allowed are beta, tilde_beta,"),
+    (["variance=learned"], r"loss=simple with variance=learned: .* use loss=hybrid or loss=vlb"),
+    (["loss=hybrid"], r"loss=hybrid with variance=beta: .* use loss=simple, or variance="),
+    (["diffusion.prediction=noise"], r"prediction='noise' is unknown: allowed are eps, x0, mean"),
+    (["variance=learned_range", "loss=hybrid", "loss.vlb_weight=0"], r"loss.vlb_weight=0 is"),
+    (["loss.weighting=min_snr", "loss.min_snr_gamma=-1"], r"loss.min_snr_gamma=-1 is invalid"),
+    (["loss=vlb", "loss.weighting=snr"], r"loss.weighting=snr with loss=vlb: .*allowed"),
+    (["loss.timesteps=stratified"], r"loss.timesteps='stratified' is unknown: allowed are"),
     (["experiment=toy2d", "data.name=spiral"], r"data.name='spiral' is unknown: allowed are"),
     (["backbone.channel_mult=[1,2,2,2,2]"], r"data.image_size=8 cannot be halved 4 times"),
     (["backbone.attn_resolutions=[16]"], r"backbone.attn_resolutions=\[16\] .* allowed are"),
@@ -71,7 +78,11 @@ SAMPLE = [
     (["ckpt_path={good}", "sampler=ddim", "eta=2"], r"eta=2 is invalid: it must lie in \[0, 1\]"),
     (["ckpt_path={good}", "num_samples=0"], r"num_samples=0 is invalid"),
     (["ckpt_path={good}", "timesteps=1000"], r"timesteps=1000 differs from the checkpoint's"),
-    (["ckpt_path={good}", "diffusion.variance=learned"], r"variance=.learned. is unknown"),
+    (["ckpt_path={good}", "variance=learned"], r"variance=learned differs from the checkpoint's"),
+    (
+        ["ckpt_path={good}", "prediction=v"],
+        r"prediction=v differs from the checkpoint's prediction",
+    ),
     (["ckpt_path={good}", "matmul_precision=tf32"], r"matmul_precision='tf32' is invalid"),
 ]
 

@@ -22,7 +22,9 @@ def options(group: str) -> list[str]:
 
 def test_groups_have_the_documented_options() -> None:
     assert options("schedule") == ["cosine", "linear", "quadratic", "sigmoid"]
-    assert options("variance") == ["beta", "tilde_beta"]
+    assert options("variance") == ["beta", "learned", "learned_range", "tilde_beta"]
+    assert options("prediction") == ["eps", "mean", "v", "x0"]
+    assert options("loss") == ["hybrid", "simple", "vlb"]
     assert options("backbone") == ["mlp", "unet", "unet_ddpm_cifar10"]
     assert options("data") == [
         "cifar10",
@@ -42,11 +44,34 @@ def test_groups_have_the_documented_options() -> None:
 def test_schedule_and_variance_build_the_diffusion(
     compose_cfg, schedule: str, variance: str
 ) -> None:
-    cfg = compose_cfg([f"schedule={schedule}", f"variance={variance}", "timesteps=300"])
+    loss = "hybrid" if variance.startswith("learned") else "simple"
+    overrides = [f"schedule={schedule}", f"variance={variance}", f"loss={loss}", "timesteps=300"]
+    cfg = compose_cfg(overrides)
     diffusion = instantiate(cfg.diffusion)
     assert isinstance(diffusion, GaussianDiffusion)
     assert diffusion.num_timesteps == 300 and diffusion.variance == variance
     assert cfg.schedule.name == schedule
+
+
+@pytest.mark.parametrize("prediction", options("prediction"))
+@pytest.mark.parametrize("loss", options("loss"))
+def test_prediction_and_loss_build_the_diffusion_and_size_the_output(
+    compose_cfg, prediction: str, loss: str
+) -> None:
+    """Each option sets its key; a learned variance (which hybrid needs) doubles the backbone's
+    output channels through the config's interpolation, for the U-Net and the MLP."""
+    variance = "beta" if loss == "simple" else "learned_range"
+    choice = [f"prediction={prediction}", f"loss={loss}", f"variance={variance}"]
+    for data, key, channels in (("digits", "out_channels", 1), ("toy2d", "out_dim", 2)):
+        extra = ["experiment=toy2d"] if data == "toy2d" else []
+        cfg = compose_cfg([*choice, *extra])
+        diffusion = instantiate(cfg.diffusion)
+        assert (diffusion.prediction, diffusion.loss) == (prediction, loss)
+        expected = channels * (2 if variance == "learned_range" else 1)
+        assert cfg.backbone[key] == expected
+        backbone = instantiate(cfg.backbone)
+        x = torch.zeros(2, *backbone.data_shape)
+        assert backbone(x, torch.zeros(2, dtype=torch.long)).shape[1] == expected
 
 
 @pytest.mark.parametrize(

@@ -169,9 +169,29 @@ def test_sample_loop_with_the_exact_eps_of_a_point_mass_returns_the_point(varian
     assert torch.equal(a, b)
 
 
-def test_bad_variance_and_betas() -> None:
-    with pytest.raises(ValueError, match=r"variance='learned' is unknown: allowed are 'beta' and"):
-        GaussianDiffusion(make_beta_schedule("linear", T), variance="learned")
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"variance": "fixed"},
+            r"variance='fixed' is unknown: allowed are beta, tilde_beta, learned",
+        ),
+        ({"prediction": "noise"}, r"prediction='noise' is unknown: allowed are eps, x0, mean, v\."),
+        ({"loss": "l2"}, r"loss='l2' is unknown: allowed are simple, hybrid, vlb\."),
+        ({"variance": "learned"}, r"loss=simple with variance=learned: .* nothing would train"),
+        ({"loss": "hybrid"}, r"loss=hybrid with variance=beta: .*trains only a learned variance"),
+        ({"vlb_weight": 0.0}, r"loss.vlb_weight=0.0 is invalid: it must be a number > 0\."),
+        ({"weighting": "min_snr", "min_snr_gamma": -1}, r"loss.min_snr_gamma=-1 is invalid"),
+        ({"weighting": "snr", "loss": "vlb"}, r"loss.weighting=snr with loss=vlb: .*allowed"),
+        ({"weighting": "p2"}, r"loss.weighting='p2' is unknown: allowed are none, snr, min_snr"),
+    ],
+)
+def test_bad_parameterisations_are_one_sentence(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GaussianDiffusion(make_beta_schedule("linear", T), **kwargs)
+
+
+def test_bad_betas() -> None:
     with pytest.raises(ValueError, match=r"strictly inside \(0, 1\)"):
         GaussianDiffusion([0.1, 1.0])
 

@@ -144,10 +144,9 @@ def test_every_readme_command_is_covered() -> None:
     listed = commands("Examples") + commands("Sample and evaluate")
     assert len(listed) >= 20
     for command in listed:
-        assert (
-            command.startswith(("python train.py", "ddpm-sample", "ddpm-eval", "python -m ddpm"))
-            or command.startswith("CK=")
-        ), command
+        assert command.startswith(
+            ("python train.py", "ddpm-sample", "ddpm-eval", "python -m ddpm")
+        ) or command.startswith("CK="), command
     for command in list(SKIPPED) + list(EXTRA):
         assert command in listed, f"{command!r} is no longer in the README"
 
@@ -219,6 +218,33 @@ def test_examples(command: str, workdir: Path, ckpt: Path, tmp_path: Path) -> No
         assert "wandb sync" in output
     if "trainer.devices=2" in command:
         assert "MEMBER: 2/2" in output
+
+
+def parameterisation_commands() -> list[str]:
+    """The commands of the Parameterisations section's table of the paper's Table 2 rows."""
+    found = re.findall(r"^\|.*\| `(python train.py[^`]*)` \|$", section("Parameterisations"), re.M)
+    assert len(found) >= 6, found
+    return found
+
+
+def test_parameterisation_commands(workdir: Path, tmp_path: Path) -> None:
+    """Every row of the table runs and leaves a finished run (two at a time; `python train.py`
+    itself is among the Examples)."""
+    listed = [c for c in parameterisation_commands() if c != "python train.py"]
+
+    def check(index_command: tuple[int, str]) -> str | None:
+        index, command = index_command
+        log_dir = tmp_path / str(index)
+        words = [*with_overrides(command, SHORT), f"paths.log_dir={log_dir}"]
+        result = run(words, workdir)
+        if result.returncode != 0:
+            return f"{command}: exit {result.returncode}: {result.stderr[-2000:]}"
+        check_train_run(only([r for f in runs_in(log_dir / "train") for r in runs_in(f)]), 12)
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        failures = [f for f in pool.map(check, enumerate(listed)) if f]
+    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.parametrize("command", commands("Sample and evaluate"))

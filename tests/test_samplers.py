@@ -107,29 +107,44 @@ def test_fast_samplers_recover_a_point_mass(sampler: str) -> None:
 
 @pytest.mark.parametrize("clip", [False, True])
 @pytest.mark.parametrize(
-    ("schedule", "variance", "eta", "steps"),
+    ("schedule", "variance", "prediction", "eta", "steps"),
     [
-        ("linear", "beta", None, None),
-        ("cosine", "tilde_beta", None, 10),
-        ("linear", "beta", 0.0, 10),
-        ("cosine", "beta", 0.5, None),
-        ("linear", "tilde_beta", 1.0, 10),
+        ("linear", "beta", "eps", None, None),
+        ("cosine", "tilde_beta", "eps", None, 10),
+        ("linear", "beta", "eps", 0.0, 10),
+        ("cosine", "beta", "eps", 0.5, None),
+        ("linear", "tilde_beta", "eps", 1.0, 10),
+        ("linear", "tilde_beta", "x0", None, None),
+        ("cosine", "beta", "x0", 0.0, 10),
+        ("linear", "learned_range", "v", None, 10),
+        ("cosine", "learned_range", "v", 0.5, None),
+        ("linear", "learned", "mean", None, None),
+        ("cosine", "learned_range", "mean", None, 10),
+        ("linear", "learned", "mean", 0.0, 10),
     ],
 )
 def test_each_sampling_step_is_the_per_example_step_in_float64(
-    schedule: str, variance: str, eta: float | None, steps: int | None, clip: bool
+    schedule: str, variance: str, prediction: str, eta: float | None, steps: int | None, clip
 ) -> None:
     """sample_steps takes each step with Python-number coefficients; each of its steps must equal
-    p_sample (eta None) or ddim_sample, evaluated per example in float64 on the same x_t, eps and
-    noise (the generator's draws: x_T, then one per step)."""
-    d = GaussianDiffusion(make_beta_schedule(schedule, T), variance)
+    p_sample (eta None) or ddim_sample, evaluated per example in float64 on the same x_t, network
+    output and noise (the generator's draws: x_T, then one per step), for every prediction and
+    variance (a learned one from a second set of output channels)."""
+    loss = "vlb" if variance.startswith("learned") else "simple"
+    d = GaussianDiffusion(make_beta_schedule(schedule, T), variance, prediction, loss)
     chain = d.respace(steps) if steps else d
     shape = (6, 3)
     inputs: list[torch.Tensor] = []
 
+    def network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = noisy_model(x, t)
+        if variance == "learned":  # log sigma^2 about that of beta_t
+            return torch.cat([out, torch.log(0.01 + 0.02 * out.abs())], dim=1)
+        return torch.cat([out, out.flip(1)], dim=1) if variance == "learned_range" else out
+
     def recording(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         inputs.append(x)  # not a copy: each step's x must be a tensor of its own
-        return noisy_model(x, t)
+        return network(x, t)
 
     out = list(
         chain.sample_steps(recording, shape, torch.Generator().manual_seed(4), clip, eta=eta)
@@ -138,15 +153,16 @@ def test_each_sampling_step_is_the_per_example_step_in_float64(
     assert torch.equal(inputs[0], torch.randn(shape, generator=draws))
     for (i, x_prev, pred_x0), x in zip(out, inputs, strict=True):
         x64, t = x.double(), torch.full((shape[0],), i)
-        eps = noisy_model(x64, chain.timestep_map[t])
+        output = network(x64, chain.timestep_map[t])
         noise = torch.randn(shape, generator=draws).double()
         if eta is None:
-            want = chain.p_sample(eps, x64, t, noise, clip)
+            want = chain.p_sample(output, x64, t, noise, clip)
         else:
-            want = chain.ddim_sample(eps, x64, t, noise, eta, clip)
-        want_x0 = chain.predict_x0_from_eps(x64, t, eps)
-        want_x0 = want_x0.clamp(-1, 1) if clip else want_x0
-        scale = 1 + want_x0.abs().max()  # pred_x0 = a x - b eps cancels: a is ~1/sqrt(abar_T)
+            want = chain.ddim_sample(output, x64, t, noise, eta, clip)
+        want_x0 = chain.p_mean_variance(output, x64, t, clip)[3]
+        # pred_x0 = a x - b out cancels in float32: a is ~1/sqrt(abar_T) (eps), or for a mean
+        # output ~1/coef1, large at large t; the error scales with the unclipped x_0
+        scale = 1 + chain.p_mean_variance(output, x64, t)[3].abs().max()
         torch.testing.assert_close(pred_x0.double(), want_x0, rtol=1e-5, atol=1e-6 * scale)
         torch.testing.assert_close(x_prev.double(), want, rtol=1e-5, atol=1e-6 * scale)
 

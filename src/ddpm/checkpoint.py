@@ -16,12 +16,12 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ddpm.backbones import compile_backbone, set_matmul_precision
-from ddpm.diffusion import GaussianDiffusion
+from ddpm.diffusion import LEARNED_VARIANCES, GaussianDiffusion
 
 
 @dataclass
 class Trained:
-    """A trained eps-network with its diffusion and the config it was trained with."""
+    """A trained network with its diffusion and the config it was trained with."""
 
     backbone: nn.Module
     diffusion: GaussianDiffusion
@@ -77,8 +77,8 @@ def read_checkpoint(ckpt_path: object) -> dict[str, Any]:
 
 
 def check_same_model(run_config: dict[str, Any], checkpoint: dict[str, Any], path: object) -> None:
-    """Refuse to resume when the diffusion (schedule, T, variance) or the backbone differ from
-    the checkpoint's, naming the first key that differs and both values."""
+    """Refuse to resume when the diffusion (schedule, T, parameterisation) or the backbone differ
+    from the checkpoint's, naming the first key that differs and both values."""
     trained = checkpoint["hyper_parameters"]["run_config"]
     for group in ("diffusion", "backbone"):
         ours, theirs = _leaves(run_config[group], group), _leaves(trained[group], group)
@@ -86,7 +86,8 @@ def check_same_model(run_config: dict[str, Any], checkpoint: dict[str, Any], pat
             if ours.get(key) != theirs.get(key):
                 raise ValueError(
                     f"{key}={ours.get(key)!r} differs from {theirs.get(key)!r} in "
-                    f"ckpt_path={path}: resuming needs the same schedule, T, variance and backbone."
+                    f"ckpt_path={path}: resuming needs the same schedule, T, parameterisation "
+                    "and backbone."
                 )
 
 
@@ -101,8 +102,8 @@ def _leaves(node: Any, prefix: str) -> dict[str, Any]:
 
 
 def load_trained_for(cfg: Any) -> Trained:
-    """`load_trained` with the keys that sample.yaml and eval.yaml share (the `schedule` and
-    `variance` groups, `timesteps`), the backbone compiled as `compile` asks and
+    """`load_trained` with the keys that sample.yaml and eval.yaml share (the `schedule`,
+    `variance` and `prediction` groups, `timesteps`), the backbone compiled as `compile` asks and
     `matmul_precision` set."""
     set_matmul_precision(cfg.get("matmul_precision"))
     schedule = cfg.get("schedule")
@@ -113,6 +114,7 @@ def load_trained_for(cfg: Any) -> Trained:
         OmegaConf.to_container(schedule, resolve=True) if schedule else None,
         cfg.timesteps,
         cfg.allow_schedule_change,
+        cfg.diffusion.get("prediction"),
     )
     compile_backbone(trained.backbone, cfg.get("compile"))
     return trained
@@ -165,6 +167,29 @@ def asked_schedule(
     return asked
 
 
+def check_same_parameterisation(
+    trained: dict[str, Any], variance: str | None, prediction: str | None
+) -> None:
+    """Refuse a `prediction` other than the trained one, and a `variance` change unless both are
+    fixed (beta <-> tilde_beta), naming the key and both values."""
+    trained_prediction = trained.get("prediction", "eps")
+    if prediction is not None and prediction != trained_prediction:
+        raise ValueError(
+            f"prediction={prediction} differs from the checkpoint's prediction="
+            f"{trained_prediction}: the network was trained to predict that; drop prediction= "
+            f"(allowed: {trained_prediction})."
+        )
+    trained_variance = trained.get("variance", "beta")
+    learned = {v in LEARNED_VARIANCES for v in (variance, trained_variance)}
+    if variance is not None and variance != trained_variance and True in learned:
+        allowed = trained_variance if trained_variance in LEARNED_VARIANCES else "beta, tilde_beta"
+        raise ValueError(
+            f"variance={variance} differs from the checkpoint's variance={trained_variance}: "
+            "only a fixed variance can be swapped for the other, since a learned one is the "
+            f"network's own output (allowed: {allowed})."
+        )
+
+
 def load_trained(
     ckpt_path: object,
     use_ema: bool = True,
@@ -172,14 +197,16 @@ def load_trained(
     schedule: str | dict[str, Any] | None = None,
     timesteps: int | None = None,
     allow_schedule_change: bool = False,
+    prediction: str | None = None,
 ) -> Trained:
     """Rebuild the backbone and diffusion of a checkpoint through the `_target_` nodes of its
     stored config and load its weights.
 
-    `use_ema` picks the EMA weights (the checkpoint's `state_dict`) or the raw ones. `variance`
-    may differ from training (the same eps-network serves both sigma_t^2). A `schedule` (a node
-    of the schedule group, or a name) or `timesteps` other than the trained ones is refused
-    unless `allow_schedule_change` is true.
+    `use_ema` picks the EMA weights (the checkpoint's `state_dict`) or the raw ones. A fixed
+    `variance` may be swapped for the other (the same network serves both sigma_t^2); a learned
+    one, or a `prediction` other than the trained one, is refused (`check_same_parameterisation`).
+    A `schedule` (a node of the schedule group, or a name) or `timesteps` other than the trained
+    ones is refused unless `allow_schedule_change` is true.
     """
     checkpoint = read_checkpoint(ckpt_path)
     config = copy.deepcopy(checkpoint["hyper_parameters"]["run_config"])
@@ -187,6 +214,7 @@ def load_trained(
     diffusion_node["betas"] = asked_schedule(
         diffusion_node["betas"], schedule, timesteps, allow_schedule_change
     )
+    check_same_parameterisation(diffusion_node, variance, prediction)
     if variance is not None:
         diffusion_node["variance"] = variance
     diffusion: GaussianDiffusion = instantiate(diffusion_node)

@@ -1,4 +1,5 @@
-"""DiffusionModule: the LightningModule that trains an eps-network with L_simple; its metrics."""
+"""DiffusionModule: the LightningModule that trains the network with the diffusion's objective;
+its metrics."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from hydra.utils import instantiate
 from torch import nn
 
 from ddpm.checks import check_int
-from ddpm.diffusion import GaussianDiffusion
+from ddpm.diffusion import GaussianDiffusion, ImportanceTimesteps
 from ddpm.sampling import Trajectory, run_chain
 
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+TIMESTEP_SAMPLINGS = ("uniform", "importance")
 
 
 def is_logged_step(trainer: pl.Trainer, step: int) -> bool:
@@ -35,7 +37,8 @@ def linear_warmup(warmup_steps: int, step: int) -> float:
 
 
 class DiffusionModule(pl.LightningModule):
-    """Trains `backbone` as eps_theta for `diffusion`; samples with the weights it holds.
+    """Trains `backbone` with `diffusion`'s objective (`GaussianDiffusion.training_terms`), t
+    drawn uniformly or by importance (`timestep_sampling`); samples with the weights it holds.
 
     During validation and after `fit`, Lightning's EMAWeightAveraging has swapped the EMA weights
     in, and a checkpoint's `state_dict` holds them, so `sample()` then uses the EMA weights.
@@ -51,6 +54,7 @@ class DiffusionModule(pl.LightningModule):
         diffusion: GaussianDiffusion | None = None,
         optimizer: OptimizerFactory | None = None,
         warmup_steps: int = 0,
+        timestep_sampling: str = "uniform",
         clip_denoised: bool = True,
         val_bpd_every: int = 0,
         val_bpd_batches: int = 1,
@@ -60,6 +64,11 @@ class DiffusionModule(pl.LightningModule):
         check_int("model.warmup_steps", warmup_steps, minimum=0)
         check_int("model.val_bpd_every", val_bpd_every, minimum=0)
         check_int("model.val_bpd_batches", val_bpd_batches, minimum=0)
+        if timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(
+                f"loss.timesteps={timestep_sampling!r} is unknown: allowed are "
+                f"{', '.join(TIMESTEP_SAMPLINGS)}."
+            )
         if None in (backbone, diffusion, optimizer):
             if run_config is None:
                 raise ValueError(
@@ -76,28 +85,53 @@ class DiffusionModule(pl.LightningModule):
         self.backbone = backbone
         self.diffusion = diffusion
         self.optimizer_factory = optimizer
+        # loss.timesteps=importance: the loss history per t, kept in checkpoints
+        self.importance = (
+            ImportanceTimesteps(diffusion.num_timesteps)
+            if timestep_sampling == "importance"
+            else None
+        )
         # train/loss_q0..q3 sums and counts since the last logged step: a plain tensor, not a
         # buffer, so that DDP does not broadcast it, nor a checkpoint keep it
         self.quarter_stats: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """eps_theta(x_t, t)."""
+        """The network's output at (x_t, t): its prediction (and variance values)."""
         return self.backbone(x, t)
 
     def training_step(
         self, batch: tuple[torch.Tensor, ...], batch_idx: int
     ) -> dict[str, torch.Tensor]:
-        """L_simple on the batch; the per-example losses and t go out with it, for the callbacks
-        (the NaN guard reads them)."""
+        """The objective on the batch; the per-example losses and t go out with it, for the
+        callbacks (the NaN guard reads them). With importance sampling the batch's mean weights
+        each loss by 1 / (T p_t), and every process's losses join the history."""
         x0 = batch[0]
-        t = self.diffusion.sample_timesteps(x0.shape[0], x0.device)
-        losses = self.diffusion.training_loss(self.backbone, x0, t)
-        loss = losses.mean()
+        if self.importance is None:
+            t = self.diffusion.sample_timesteps(x0.shape[0], x0.device)
+        else:
+            t, weights = self.importance.to(x0.device).sample(x0.shape[0], x0.device)
+        terms = self.diffusion.training_terms(self.backbone, x0, t, num_levels=self._num_levels())
+        losses = terms["loss"]
+        if self.importance is None:
+            loss = losses.mean()
+        else:
+            loss = (losses * weights).mean()
+            # [2, B] from each process: t (exact as a float) and the losses, in rank order
+            gathered = self.all_gather(torch.stack([t.to(losses.dtype), losses.detach()]))
+            all_t, all_losses = gathered.reshape(-1, 2, len(t)).transpose(0, 1).flatten(1)
+            self.importance.update(all_t.long(), all_losses)
         self._add_to_quarters(losses.detach(), t)
         if self._logs_now():  # self.log costs ~2 ms on the host (and a collective with DDP)
             self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+            if len(terms) == 3:  # the loss and both its parts
+                self.log("train/mse", terms["mse"].mean(), sync_dist=True)
+                self.log("train/vb", terms["vb"].mean(), sync_dist=True)
             self._log_quarters()
         return {"loss": loss, "losses": losses.detach(), "t": t}
+
+    def _num_levels(self) -> int | None:
+        """The data's number of levels, for L_0's discretised decoder (None: continuous data)."""
+        return getattr(getattr(self.trainer, "datamodule", None), "num_levels", None)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """After the last step, stop the trainer: Lightning then writes that step's logs and runs
@@ -111,8 +145,8 @@ class DiffusionModule(pl.LightningModule):
         return is_logged_step(self.trainer, self.global_step)
 
     def _add_to_quarters(self, losses: torch.Tensor, t: torch.Tensor) -> None:
-        """Add the batch to the sums and counts of L_simple per quarter of [0, T), on the device
-        (no host sync)."""
+        """Add the batch to the sums and counts of the (unweighted) loss per quarter of [0, T),
+        on the device (no host sync)."""
         if self.quarter_stats is None:
             self.quarter_stats = torch.zeros(2, 4, device=losses.device)
         quarter = t * 4 // self.diffusion.num_timesteps
@@ -120,7 +154,7 @@ class DiffusionModule(pl.LightningModule):
         self.quarter_stats[1].index_add_(0, quarter, torch.ones_like(losses, dtype=torch.float32))
 
     def _log_quarters(self) -> None:
-        """`train/loss_q0..q3`: L_simple over the examples whose t lies in each quarter of
+        """`train/loss_q0..q3`: the loss over the examples whose t lies in each quarter of
         [0, T), averaged since the last logged step (as improved-diffusion logs them); with
         several processes, rank 0's share. The window then starts again."""
         means = self.quarter_stats[0] / self.quarter_stats[1]  # nan for a quarter with no t
@@ -136,13 +170,14 @@ class DiffusionModule(pl.LightningModule):
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), rank_zero_only=True)
 
     def _fixed_noise_loss(self, x0: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        """L_simple with t and noise drawn from a generator seeded by the batch and rank, so that
-        evaluations at different steps compare the same terms."""
+        """The objective (t uniform, unweighted) with t and noise drawn from a generator seeded by
+        the batch and rank, so that evaluations at different steps compare the same terms."""
         seed = batch_idx * self.trainer.world_size + self.trainer.global_rank
         generator = torch.Generator(device=x0.device).manual_seed(seed)
         t = self.diffusion.sample_timesteps(x0.shape[0], x0.device, generator)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        return self.diffusion.training_loss(self.backbone, x0, t, noise).mean()
+        losses = self.diffusion.training_loss(self.backbone, x0, t, noise, self._num_levels())
+        return losses.mean()
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         loss = self._fixed_noise_loss(batch[0], batch_idx)
@@ -178,9 +213,13 @@ class DiffusionModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["num_validations"] = self.num_validations  # val_bpd_every's count, on resume
+        if self.importance is not None:
+            checkpoint["importance_timesteps"] = self.importance.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.num_validations = checkpoint.get("num_validations", 0)
+        if self.importance is not None and "importance_timesteps" in checkpoint:
+            self.importance.load_state_dict(checkpoint["importance_timesteps"])
 
     def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         loss = self._fixed_noise_loss(batch[0], batch_idx)

@@ -1,4 +1,5 @@
-"""Noise-prediction networks eps_theta(x, t): forward(x, t) -> tensor shaped like x.
+"""The networks: forward(x, t) -> the prediction, shaped like x (with a learned variance, twice
+the channels: `out_channels` / `out_dim`, set in the config from the variance).
 
 Each exposes `data_shape`, the shape of one example it takes, so that a mismatch with the data
 is caught before training.

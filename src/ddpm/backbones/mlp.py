@@ -1,4 +1,4 @@
-"""A residual MLP eps-network for low-dimensional (toy 2-D) data."""
+"""A residual MLP network for low-dimensional (toy 2-D) data."""
 
 from __future__ import annotations
 
@@ -9,13 +9,21 @@ from ddpm.backbones.embedding import timestep_embedding
 
 
 class MLP(nn.Module):
-    """eps_theta(x, t) for vectors: residual SiLU blocks, each conditioned on the step embedding."""
+    """The network for vectors [B, dim]: residual SiLU blocks, each conditioned on the step
+    embedding; its output has `out_dim` entries (default dim; 2 dim with a learned variance)."""
 
     def __init__(
-        self, dim: int = 2, hidden_dim: int = 256, num_layers: int = 4, time_embed_dim: int = 128
+        self,
+        dim: int = 2,
+        hidden_dim: int = 256,
+        num_layers: int = 4,
+        time_embed_dim: int = 128,
+        out_dim: int | None = None,
     ) -> None:
         super().__init__()
-        for key, value in {"dim": dim, "hidden_dim": hidden_dim, "num_layers": num_layers}.items():
+        out_dim = dim if out_dim is None else out_dim
+        sizes = {"dim": dim, "hidden_dim": hidden_dim, "num_layers": num_layers, "out_dim": out_dim}
+        for key, value in sizes.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(
                     f"backbone.{key}={value!r} is invalid: it must be an integer >= 1."
@@ -35,7 +43,7 @@ class MLP(nn.Module):
             )
             for _ in range(num_layers)
         )
-        self.output = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, dim))
+        self.output = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, out_dim))
 
     @property
     def data_shape(self) -> tuple[int, ...]:

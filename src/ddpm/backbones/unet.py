@@ -88,7 +88,8 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x, t) for images [B, C, H, W] with H = W = `image_size`."""
+    """The network for images [B, C, H, W] with H = W = `image_size`: its output has
+    `out_channels` channels (default C; 2C with a learned variance)."""
 
     def __init__(
         self,
@@ -100,9 +101,12 @@ class UNet(nn.Module):
         attn_resolutions: Sequence[int] = (16,),
         dropout: float = 0.1,
         num_groups: int = 32,
+        out_channels: int | None = None,
     ) -> None:
         super().__init__()
         channel_mult, attn_resolutions = tuple(channel_mult), tuple(attn_resolutions)
+        out_channels = in_channels if out_channels is None else out_channels
+        check_int("backbone.out_channels", out_channels)
         _check_unet(
             in_channels,
             image_size,
@@ -151,7 +155,7 @@ class UNet(nn.Module):
                 self.up.append(Upsample(ch))
                 res *= 2
         self.out = nn.Sequential(
-            nn.GroupNorm(num_groups, ch), nn.SiLU(), _conv3x3(ch, in_channels, zero=True)
+            nn.GroupNorm(num_groups, ch), nn.SiLU(), _conv3x3(ch, out_channels, zero=True)
         )
 
     @property

@@ -17,6 +17,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ddpm.diffusion import output_channels
+
 CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")  # the repository's conf/
 
 
@@ -44,6 +46,8 @@ def launcher_setting(key: str, default: Any = None) -> Any:
 
 
 OmegaConf.register_new_resolver("launcher", launcher_setting, replace=True)
+# `${output_channels:C,VARIANCE}`: the backbone's output channels, 2C with a learned variance.
+OmegaConf.register_new_resolver("output_channels", output_channels, replace=True)
 
 
 def user_error_message(error: BaseException) -> str | None:
