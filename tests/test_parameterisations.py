@@ -365,3 +365,46 @@ def test_a_learned_variance_checkpoint_samples_and_evaluates(compose_cfg, tmp_pa
     with pytest.raises(ValueError, match=r"variance=beta differs .* \(allowed: learned_range\)"):
         load_trained(ckpt, variance="beta")
     assert load_trained(ckpt, variance="learned_range", prediction="v").diffusion.prediction == "v"
+
+
+def test_importance_history_makes_a_resume_exact(compose_cfg, tmp_path) -> None:
+    """loss.timesteps=importance, cosine T = 10 (warm after a step or two): a 6-step run
+    continued to 12 steps takes the uninterrupted run's t, losses and final weights, to the bit;
+    without the history in the checkpoint the continued run would draw t uniformly again."""
+    import csv
+    from pathlib import Path
+
+    from ddpm.cli.train import build
+
+    choice = ["experiment=smoke", "timesteps=10", "schedule=cosine", "prediction=v"]
+    choice += ["variance=learned_range", "loss=vlb", "loss.timesteps=importance", "logger=csv"]
+    choice += ["trainer.max_steps=12"]
+
+    def fit(folder: Path, *extra: str) -> Path:
+        cfg = compose_cfg([*choice, f"hydra.run.dir={folder}", *extra])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(folder)
+        run = build(cfg)
+        run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path)
+        return folder
+
+    def losses(folder: Path) -> list[str]:
+        rows = csv.DictReader((folder / "csv" / "metrics.csv").open())
+        return [r["train/loss"] for r in rows if r.get("train/loss")]
+
+    from omegaconf import open_dict
+
+    whole = fit(tmp_path / "whole")
+    half = fit(tmp_path / "half", "trainer.max_steps=6")
+    saved = torch.load(half / "checkpoints" / "last.ckpt", weights_only=True)
+    assert bool((saved["importance_timesteps"]["counts"] == 10).all())  # warm when saved
+    fit(half, f"ckpt_path={half / 'checkpoints' / 'last.ckpt'}")
+    expected, got = losses(whole), losses(half)  # the continued run's file: its 6 steps
+    assert len(expected) == 12 and got == expected[6:]
+    final = torch.load(half / "checkpoints" / "last.ckpt", weights_only=True)
+    reference = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)
+    for name, value in final["state_dict"].items():
+        assert torch.equal(value, reference["state_dict"][name]), name
+    assert torch.equal(
+        final["importance_timesteps"]["losses"], reference["importance_timesteps"]["losses"]
+    )
