@@ -180,13 +180,14 @@ def test_resume_with_another_model_names_both_values(compose_cfg, capsys, good_c
 
 
 def test_an_output_folder_that_cannot_be_created_is_one_line(tmp_path: Path) -> None:
-    """Checked by a Hydra callback before Hydra makes the run folder (as root, a file in the way
-    stands in for a folder without write permission)."""
+    """Checked by a Hydra callback before Hydra makes the sweep folder (as root, a file in the
+    way stands in for a folder without write permission); a single run's folder is a README
+    Troubleshooting row (test_readme)."""
     from conftest import run_train
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder\n")
-    for mode in ([], ["-m"]):
+    for mode in (["-m"],):
         result = run_train([*mode, f"paths.log_dir={blocker}/runs", *FAST], cwd=tmp_path)
         assert result.returncode == 1
         last = result.stderr.strip().splitlines()[-1]
