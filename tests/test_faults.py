@@ -103,14 +103,22 @@ def test_a_failing_logger_is_reported_once_and_training_goes_on(compose_cfg, mon
     assert sum("logger CSVLogger failed" in str(m.message) for m in w) == 1
 
 
-def test_training_steps_read_nothing_back_from_the_device(compose_cfg, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "choice",
+    [[], ["variance=learned_range", "loss=vlb", "loss.timesteps=importance", "prediction=v"]],
+    ids=["default", "importance"],
+)
+def test_training_steps_read_nothing_back_from_the_device(
+    compose_cfg, monkeypatch, choice: list[str]
+) -> None:
     """Between logged steps, neither the step nor the callbacks around it call what would make a
     GPU wait for the host (`.item()`, `bool()`, `.tolist()`, ...): the NaN guard keeps its
-    record on the device. Adam's step counters are host tensors by design and are exempt."""
+    record on the device, importance sampling its history. Adam's step counters are host
+    tensors by design and are exempt."""
     run = build(
         compose_cfg(
             [*FAST, "logger=none", "trainer.max_steps=6", "trainer.log_every_n_steps=50"]
-            + ["trainer.limit_val_batches=0"]
+            + ["trainer.limit_val_batches=0", *choice]
         )
     )
     reads: list[str] = []

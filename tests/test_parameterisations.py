@@ -408,3 +408,24 @@ def test_importance_history_makes_a_resume_exact(compose_cfg, tmp_path) -> None:
     assert torch.equal(
         final["importance_timesteps"]["losses"], reference["importance_timesteps"]["losses"]
     )
+
+
+def test_a_checkpoint_from_before_the_parameterisations_still_resumes(compose_cfg) -> None:
+    """Keys an older checkpoint's config lacks (prediction, loss, ..., out_channels) stand for
+    their defaults when resuming; a real difference is still refused by its key."""
+    from omegaconf import OmegaConf
+
+    from ddpm.checkpoint import check_same_model
+
+    ours = OmegaConf.to_container(compose_cfg(["experiment=smoke"]), resolve=True)
+    old = {"diffusion": dict(ours["diffusion"]), "backbone": dict(ours["backbone"])}
+    for key in ("prediction", "loss", "vlb_weight", "weighting", "min_snr_gamma"):
+        del old["diffusion"][key]
+    del old["backbone"]["out_channels"]
+    checkpoint = {"hyper_parameters": {"run_config": old}}
+    check_same_model(ours, checkpoint, "old.ckpt")
+    changed = OmegaConf.to_container(
+        compose_cfg(["experiment=smoke", "prediction=x0"]), resolve=True
+    )
+    with pytest.raises(ValueError, match=r"diffusion.prediction='x0' differs from None"):
+        check_same_model(changed, checkpoint, "old.ckpt")

@@ -82,13 +82,29 @@ def check_same_model(run_config: dict[str, Any], checkpoint: dict[str, Any], pat
     trained = checkpoint["hyper_parameters"]["run_config"]
     for group in ("diffusion", "backbone"):
         ours, theirs = _leaves(run_config[group], group), _leaves(trained[group], group)
+        # a key that a checkpoint from an earlier version lacks had its parameter's default
+        defaults = _defaults(trained[group].get("_target_"), group)
         for key in sorted(set(ours) | set(theirs)):
+            if key not in theirs and defaults.get(key, ...) in (ours.get(key), None):
+                continue
             if ours.get(key) != theirs.get(key):
                 raise ValueError(
                     f"{key}={ours.get(key)!r} differs from {theirs.get(key)!r} in "
                     f"ckpt_path={path}: resuming needs the same schedule, T, parameterisation "
                     "and backbone."
                 )
+
+
+def _defaults(target: str | None, prefix: str) -> dict[str, Any]:
+    """{'prefix.param': default} of the keyword parameters of a `_target_` (None: none known)."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    if not target:
+        return {}
+    parameters = inspect.signature(get_object(target)).parameters.values()
+    return {f"{prefix}.{p.name}": p.default for p in parameters if p.default is not p.empty}
 
 
 def _leaves(node: Any, prefix: str) -> dict[str, Any]:

@@ -728,7 +728,10 @@ class ImportanceTimesteps:
         T, H = self.num_timesteps, self.history
         order = torch.argsort(t, stable=True)
         t, losses = t[order], losses[order].to(self.losses.dtype)
-        in_batch = torch.bincount(t, minlength=T)
+        # how many of each t (index_add_, not bincount: that reads max(t) back from a GPU)
+        in_batch = torch.zeros(T, dtype=torch.long, device=t.device).index_add_(
+            0, t, torch.ones_like(t)
+        )
         first = torch.cumsum(in_batch, 0) - in_batch
         k = torch.arange(len(t), device=t.device) - first[t]  # its place among the batch's t
         kept = k >= in_batch[t] - H  # only a t's last H losses stay; the rest go to the spare row

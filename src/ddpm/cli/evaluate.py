@@ -68,6 +68,7 @@ def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "ckpt_path": str(cfg.ckpt_path),
         "split": cfg.split,
         "variance": trained.diffusion.variance,
+        "prediction": trained.diffusion.prediction,
         "timesteps": trained.diffusion.num_timesteps,
         "clip_denoised": clip,
     }
