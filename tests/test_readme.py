@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
+import json
 import os
 import re
 import shlex
@@ -268,7 +269,8 @@ def message_pattern(message: str) -> str:
 
 def test_troubleshooting_rows(ckpt: Path, workdir: Path, tmp_path: Path) -> None:
     """Each row: exit status 1 and the one-line message the README shows, nothing already
-    written touched. The rows run two at a time (they are mostly start-up)."""
+    written touched. The rows run through their commands' entry points, many to an interpreter
+    (tests/run_commands.py): they end before any training, so start-up was most of their cost."""
     previous = ckpt.parent.parent
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(ckpt.read_bytes()[:1000])
@@ -291,8 +293,8 @@ def test_troubleshooting_rows(ckpt: Path, workdir: Path, tmp_path: Path) -> None
         for place, value in places.items():
             command = command.replace(place, value)
         words = shlex.split(command)
-        words = ["python", "train.py", *words[1:]] if words[0] == "train.py" else words
-        if words[:2] == ["python", "train.py"] and str(ckpt) in command:
+        words = ["train.py", *words[2:]] if words[:2] == ["python", "train.py"] else words
+        if words[0] == "train.py" and str(ckpt) in command:
             words.append("timesteps=50")  # the checkpoint's T, so the row's key is the one named
         if words[0] == "ddpm-sample" or words[0] == "ddpm-eval":
             if not any(w.startswith("ckpt_path=") for w in words[1:]) and "required" not in message:
@@ -302,18 +304,37 @@ def test_troubleshooting_rows(ckpt: Path, workdir: Path, tmp_path: Path) -> None
             words.append(f"paths.log_dir={tmp_path / 'outputs'}")
         cases.append((words, message))
 
-    def check(case: tuple[list[str], str]) -> str | None:
-        words, message = case
-        result = run(words, workdir)
-        last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
-        if result.returncode != 1 or "Traceback" in result.stderr:
-            return f"{words}: exit {result.returncode}: {result.stderr[-500:]}"
-        if not re.fullmatch("Error: " + message_pattern(message), last):
-            return f"{words}: {last!r} does not read {message!r}"
-        return None
+    def check(share: list[tuple[list[str], str]]) -> list[str]:
+        """Run a share of the rows in one interpreter (tests/run_commands.py: each row through
+        its command's entry point, with its own argv)."""
+        result = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "tests" / "run_commands.py"),
+                json.dumps([w for w, _ in share]),
+            ],
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env={**os.environ, "WANDB_MODE": "", "HYDRA_FULL_ERROR": "0"},
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        failures = []
+        for (words, message), outcome in zip(
+            share, json.loads(result.stdout.splitlines()[-1]), strict=True
+        ):
+            stderr = outcome["stderr"].strip()
+            last = stderr.splitlines()[-1] if stderr else ""
+            if outcome["code"] != 1 or "Traceback" in stderr:
+                failures.append(f"{words}: exit {outcome['code']}: {stderr[-500:]}")
+            elif not re.fullmatch("Error: " + message_pattern(message), last):
+                failures.append(f"{words}: {last!r} does not read {message!r}")
+        return failures
 
+    # two interpreters, each with every other row
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        failures = [f for f in pool.map(check, cases) if f]
+        failures = [f for share in pool.map(check, (cases[::2], cases[1::2])) for f in share]
     assert not failures, "\n".join(failures)
     assert {p: p.read_bytes() for p in sorted(previous.rglob("*")) if p.is_file()} == before
     assert blocker.read_text() == "not a folder\n"
