@@ -27,6 +27,10 @@ TRAIN = [
     (["variance=learned_range", "loss=hybrid", "loss.vlb_weight=0"], r"loss.vlb_weight=0 is"),
     (["loss.weighting=min_snr", "loss.min_snr_gamma=-1"], r"loss.min_snr_gamma=-1 is invalid"),
     (["loss=vlb", "loss.weighting=snr"], r"loss.weighting=snr with loss=vlb: .*allowed"),
+    (
+        ["variance=learned_range", "loss=hybrid", "backbone.out_channels=1"],
+        r"backbone=.* outputs 1 channel\(s\) but variance=learned_range needs 2 for data with 1",
+    ),
     (["loss.timesteps=stratified"], r"loss.timesteps='stratified' is unknown: allowed are"),
     (["experiment=toy2d", "data.name=spiral"], r"data.name='spiral' is unknown: allowed are"),
     (["backbone.channel_mult=[1,2,2,2,2]"], r"data.image_size=8 cannot be halved 4 times"),

@@ -53,6 +53,17 @@ def test_schedule_and_variance_build_the_diffusion(
     assert cfg.schedule.name == schedule
 
 
+def test_every_key_of_the_loss_node_reaches_what_it_sets(compose_cfg) -> None:
+    choice = ["variance=learned_range", "loss=hybrid", "loss.vlb_weight=0.01"]
+    choice += ["loss.weighting=min_snr", "loss.min_snr_gamma=2.5", "loss.timesteps=importance"]
+    run = build(compose_cfg([*FAST, *choice, "logger=none"]))
+    diffusion = run.module.diffusion
+    assert (diffusion.loss, diffusion.vlb_weight) == ("hybrid", 0.01)
+    assert (diffusion.weighting, diffusion.min_snr_gamma) == ("min_snr", 2.5)
+    assert run.module.importance is not None
+    assert build(compose_cfg([*FAST, "logger=none"])).module.importance is None
+
+
 @pytest.mark.parametrize("prediction", options("prediction"))
 @pytest.mark.parametrize("loss", options("loss"))
 def test_prediction_and_loss_build_the_diffusion_and_size_the_output(

@@ -14,7 +14,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from ddpm.checks import check_int
+from ddpm.checks import check_choice, check_int
 from ddpm.diffusion import GaussianDiffusion, ImportanceTimesteps
 from ddpm.sampling import Trajectory, run_chain
 
@@ -64,11 +64,7 @@ class DiffusionModule(pl.LightningModule):
         check_int("model.warmup_steps", warmup_steps, minimum=0)
         check_int("model.val_bpd_every", val_bpd_every, minimum=0)
         check_int("model.val_bpd_batches", val_bpd_batches, minimum=0)
-        if timestep_sampling not in TIMESTEP_SAMPLINGS:
-            raise ValueError(
-                f"loss.timesteps={timestep_sampling!r} is unknown: allowed are "
-                f"{', '.join(TIMESTEP_SAMPLINGS)}."
-            )
+        check_choice("loss.timesteps", timestep_sampling, TIMESTEP_SAMPLINGS)
         if None in (backbone, diffusion, optimizer):
             if run_config is None:
                 raise ValueError(
@@ -109,7 +105,7 @@ class DiffusionModule(pl.LightningModule):
         if self.importance is None:
             t = self.diffusion.sample_timesteps(x0.shape[0], x0.device)
         else:
-            t, weights = self.importance.to(x0.device).sample(x0.shape[0], x0.device)
+            t, weights = self.importance.sample(x0.shape[0], x0.device)
         terms = self.diffusion.training_terms(self.backbone, x0, t, num_levels=self._num_levels())
         losses = terms["loss"]
         if self.importance is None:
@@ -267,6 +263,8 @@ class DiffusionModule(pl.LightningModule):
         }
 
     def on_fit_start(self) -> None:
+        if self.importance is not None:
+            self.importance.to(self.device)  # its history lives beside the losses
         if self.trainer.world_size > 1:
             # Every process was seeded alike (so the initial weights agree); from here each rank
             # draws its own t and noise, else the ranks would repeat each other's t.

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ddpm.checkpoint import Trained
-from ddpm.checks import check_int
+from ddpm.checks import check_choice, check_int
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.distributed import batch_seed, gather_in_order, my_share, world
 
@@ -24,17 +24,16 @@ def sampling_chain(
     diffusion: GaussianDiffusion, sampler: str, steps: int | None, eta: float
 ) -> tuple[GaussianDiffusion, float | None]:
     """The chain to run and its DDIM eta (None: ancestral steps) for a sampler choice."""
+    check_choice("sampler", sampler, SAMPLERS)
     if sampler == "ancestral":
         return diffusion, None
     if sampler == "respaced":
         if steps is None:
             raise ValueError("sampler=respaced needs steps=K, the number of steps to keep.")
         return diffusion.respace(steps), None
-    if sampler == "ddim":
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta={eta!r} is invalid: it must lie in [0, 1].")
-        return diffusion.respace(steps or diffusion.num_timesteps), eta
-    raise ValueError(f"sampler={sampler!r} is unknown: allowed are {', '.join(SAMPLERS)}.")
+    if not 0.0 <= eta <= 1.0:  # ddim
+        raise ValueError(f"eta={eta!r} is invalid: it must lie in [0, 1].")
+    return diffusion.respace(steps or diffusion.num_timesteps), eta
 
 
 def check_sampling(

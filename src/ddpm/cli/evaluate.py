@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from ddpm.checkpoint import load_trained_for, pick_device
+from ddpm.checks import check_choice
 from ddpm.cli.common import CONF_DIR, quiet_known_noise, user_errors
 from ddpm.data.base import SPLITS
 from ddpm.distributed import world
@@ -31,8 +32,7 @@ from ddpm.sampling import check_sampling, generate
 
 def check_split(split: str, key: str = "split") -> str:
     """A split name, or a one-sentence ValueError naming `key`."""
-    if split not in SPLITS:
-        raise ValueError(f"{key}={split!r} is unknown: allowed are {', '.join(SPLITS)}.")
+    check_choice(key, split, SPLITS)
     return split
 
 

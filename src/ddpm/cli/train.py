@@ -10,6 +10,7 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
@@ -18,6 +19,7 @@ from ddpm.backbones import compile_backbone, set_matmul_precision
 from ddpm.callbacks import NanGuard, NonFiniteLossError
 from ddpm.checkpoint import check_same_model, read_checkpoint
 from ddpm.cli.common import CONF_DIR, quiet_known_noise, user_errors
+from ddpm.diffusion import output_channels
 from ddpm.loggers import finish_wandb, guard_logger
 from ddpm.module import DiffusionModule
 
@@ -49,6 +51,23 @@ def _check_config(cfg: DictConfig) -> None:
         raise ValueError(f"callbacks.ema.decay={decay!r} is invalid: it must lie in [0, 1].")
 
 
+def _check_output_channels(backbone: torch.nn.Module, diffusion: Any, shape: tuple) -> None:
+    """The backbone's output must have the channels the variance needs (2C when learned): one
+    forward pass on one zero example, in eval mode (no dropout draws from the random state)."""
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        got = backbone(torch.zeros(1, *shape), torch.zeros(1, dtype=torch.long)).shape[1]
+    backbone.train(was_training)
+    needed = output_channels(shape[0], diffusion.variance)
+    if got != needed:
+        raise ValueError(
+            f"backbone={_choice('backbone')} outputs {got} channel(s) but variance="
+            f"{diffusion.variance} needs {needed} for data with {shape[0]} channel(s): leave "
+            "backbone.out_channels (backbone.out_dim for the MLP) to the config's interpolation."
+        )
+
+
 def build(cfg: DictConfig) -> Run:
     """Instantiate data, diffusion, backbone, module, callbacks, loggers and trainer, and check
     that they fit together; every user error is a ValueError naming the key."""
@@ -71,6 +90,7 @@ def build(cfg: DictConfig) -> Run:
             "channels and size (backbone.in_channels, backbone.image_size, backbone.dim) "
             "must match the data's."
         )
+    _check_output_channels(backbone, diffusion, tuple(datamodule.data_shape))
     compile_backbone(backbone, cfg.get("compile"))
     datamodule.check()  # data files present (a missing folder is one sentence, not a traceback)
     run_config = OmegaConf.to_container(cfg, resolve=True)
