@@ -18,6 +18,8 @@ from torch import nn
 from ddpm.backbones import compile_backbone, set_matmul_precision
 from ddpm.diffusion import LEARNED_VARIANCES, GaussianDiffusion
 
+ORACLE_TARGET = "ddpm.truth.Oracle"
+
 
 @dataclass
 class Trained:
@@ -118,21 +120,93 @@ def _leaves(node: Any, prefix: str) -> dict[str, Any]:
 
 
 def load_trained_for(cfg: Any) -> Trained:
-    """`load_trained` with the keys that sample.yaml and eval.yaml share (the `schedule`,
-    `variance` and `prediction` groups, `timesteps`), the backbone compiled as `compile` asks and
-    `matmul_precision` set."""
+    """`load_trained` with the keys that sample.yaml, eval.yaml and truth.yaml share (the
+    `schedule`, `variance` and `prediction` groups, `timesteps`), the backbone compiled as
+    `compile` asks and `matmul_precision` set. `backbone=oracle` puts the Bayes-optimal network
+    in the trained one's place (with no ckpt_path: on the chain and `data` of the config)."""
     set_matmul_precision(cfg.get("matmul_precision"))
     schedule = cfg.get("schedule")
-    trained = load_trained(
-        cfg.ckpt_path,
-        cfg.use_ema,
-        cfg.diffusion.variance,
-        OmegaConf.to_container(schedule, resolve=True) if schedule else None,
-        cfg.timesteps,
-        cfg.allow_schedule_change,
-        cfg.diffusion.get("prediction"),
-    )
+    schedule = OmegaConf.to_container(schedule, resolve=True) if schedule else None
+    backbone = cfg.get("backbone")
+    backbone = OmegaConf.to_container(backbone, resolve=True) if backbone else None
+    data = cfg.get("data")
+    if cfg.ckpt_path in (None, "") and is_oracle(backbone):
+        trained = oracle_without_checkpoint(
+            OmegaConf.to_container(data, resolve=True) if data else None,
+            backbone,
+            schedule,
+            cfg.timesteps,
+            cfg.diffusion.variance,
+            cfg.diffusion.get("prediction"),
+        )
+    else:
+        if data:
+            raise ValueError(
+                "data= is not used with a checkpoint: its data are the ones it was trained on; "
+                "drop data= (it names the data of backbone=oracle without ckpt_path)."
+            )
+        trained = load_trained(
+            cfg.ckpt_path,
+            cfg.use_ema,
+            cfg.diffusion.variance,
+            schedule,
+            cfg.timesteps,
+            cfg.allow_schedule_change,
+            cfg.diffusion.get("prediction"),
+            backbone,
+        )
     compile_backbone(trained.backbone, cfg.get("compile"))
+    return trained
+
+
+def is_oracle(backbone: dict[str, Any] | None) -> bool:
+    """Whether a backbone node is `backbone=oracle` (ddpm.truth.Oracle)."""
+    return bool(backbone) and backbone.get("_target_") == ORACLE_TARGET
+
+
+def build_oracle(node: dict[str, Any], datamodule: Any, diffusion: GaussianDiffusion) -> nn.Module:
+    """The oracle network of a `backbone=oracle` node for this data and (trained) chain."""
+    from ddpm.truth import Oracle, distribution_of
+
+    which = node.get("distribution", "data")
+    return Oracle(distribution_of(datamodule, which, "backbone.distribution"), diffusion)
+
+
+def oracle_without_checkpoint(
+    data: dict[str, Any] | None,
+    backbone: dict[str, Any],
+    schedule: dict[str, Any] | None,
+    timesteps: int | None,
+    variance: str | None,
+    prediction: str | None,
+) -> Trained:
+    """The oracle on a chain of the config's own (schedule linear, T = 1000, variance beta and
+    prediction eps unless given) for the config's `data`."""
+    if not data:
+        raise ValueError(
+            "backbone=oracle without ckpt_path needs the data it is the oracle of: pass "
+            "data=gmm (or another data config, e.g. data=toy2d data.name=8gaussians)."
+        )
+    schedule = dict(schedule or {"_target_": "ddpm.schedules.make_beta_schedule", "name": "linear"})
+    schedule["timesteps"] = timesteps or schedule.get("timesteps") or 1000
+    variance, prediction = variance or "beta", prediction or "eps"
+    diffusion_node = {
+        "_target_": "ddpm.diffusion.GaussianDiffusion",
+        "betas": schedule,
+        "variance": variance,
+        "prediction": prediction,
+        "loss": "hybrid" if variance in LEARNED_VARIANCES else "simple",
+    }
+    datamodule = instantiate(data)
+    diffusion: GaussianDiffusion = instantiate(diffusion_node)
+    config = {
+        "data": data,
+        "diffusion": diffusion_node,
+        "backbone": backbone,
+        "model": {"clip_denoised": datamodule.num_levels is not None},
+    }
+    trained = Trained(build_oracle(backbone, datamodule, diffusion), diffusion, config)
+    trained.__dict__["datamodule"] = datamodule  # the cached property, built once
     return trained
 
 
@@ -214,6 +288,7 @@ def load_trained(
     timesteps: int | None = None,
     allow_schedule_change: bool = False,
     prediction: str | None = None,
+    backbone: dict[str, Any] | None = None,
 ) -> Trained:
     """Rebuild the backbone and diffusion of a checkpoint through the `_target_` nodes of its
     stored config and load its weights.
@@ -222,7 +297,8 @@ def load_trained(
     `variance` may be swapped for the other (the same network serves both sigma_t^2); a learned
     one, or a `prediction` other than the trained one, is refused (`check_same_parameterisation`).
     A `schedule` (a node of the schedule group, or a name) or `timesteps` other than the trained
-    ones is refused unless `allow_schedule_change` is true.
+    ones is refused unless `allow_schedule_change` is true. A `backbone` node of
+    `backbone=oracle` replaces the trained network by the Bayes-optimal one for its data.
     """
     checkpoint = read_checkpoint(ckpt_path)
     config = copy.deepcopy(checkpoint["hyper_parameters"]["run_config"])
@@ -234,6 +310,16 @@ def load_trained(
     if variance is not None:
         diffusion_node["variance"] = variance
     diffusion: GaussianDiffusion = instantiate(diffusion_node)
+    if is_oracle(backbone):
+        config["backbone"] = backbone
+        trained = Trained(nn.Identity(), diffusion, config)
+        trained.backbone = build_oracle(backbone, trained.datamodule, diffusion)
+        return trained
+    if backbone:
+        raise ValueError(
+            f"backbone={backbone.get('_target_')} cannot replace a checkpoint's network: "
+            "allowed is backbone=oracle (the Bayes-optimal network), or no backbone=."
+        )
     backbone = instantiate(config["backbone"])
     state = checkpoint["state_dict"] if use_ema else checkpoint.get("current_model_state")
     if state is None:

@@ -97,6 +97,58 @@ def bpd_terms_figure(terms_bpd: list[float]) -> np.ndarray:
     return _to_array(fig)
 
 
+def truth_figure(rows: list[dict]) -> np.ndarray:
+    """`ddpm-truth` with a model, against the paper's t: the KL from the true reverse step to the
+    model's, beside the least KL a Gaussian step can reach (left); the model's simple loss minus
+    its floor (right); shaded +- 2 standard errors."""
+    plt = _pyplot()
+    t = np.array([row["t"] for row in rows])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), dpi=100)
+    panels = (
+        (
+            axes[0],
+            (("kl", "KL(q || p_theta), the model"), ("gaussian_gap", "KL(q || best Gaussian)")),
+        ),
+        (axes[1], (("excess_loss", "loss - floor"),)),
+    )
+    for ax, curves in panels:
+        for key, label in curves:
+            mean = np.array([row[key] for row in rows])
+            err = 2 * np.array([row[f"{key}_stderr"] for row in rows])
+            ax.plot(t, mean, label=label)
+            ax.fill_between(t, mean - err, mean + err, alpha=0.3)
+        ax.legend()
+    axes[0].set_yscale("symlog", linthresh=1e-4)
+    axes[0].set(xlabel="t", ylabel="nats", title="E KL(q(x_{t-1} | x_t) || .) over x_t ~ q")
+    axes[1].axhline(0, color="0.5", lw=0.8)
+    axes[1].set(xlabel="t", ylabel="per dimension", title="simple loss above its floor")
+    fig.tight_layout()
+    return _to_array(fig)
+
+
+def gaussianity_figure(rows: list[dict]) -> np.ndarray:
+    """`ddpm-truth` without a model: per chain (T), E KL(q(x_{t-1} | x_t) || best Gaussian)
+    against t / T, shaded +- 2 standard errors (log scale)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=100)
+    for T in sorted({row["T"] for row in rows}):
+        chain = [row for row in rows if row["T"] == T]
+        x = np.array([row["t"] / T for row in chain])
+        mean = np.array([row["gaussian_gap"] for row in chain])
+        err = 2 * np.array([row["gaussian_gap_stderr"] for row in chain])
+        ax.plot(x, mean, marker="o" if len(chain) < 20 else None, ms=3, label=f"T = {T}")
+        ax.fill_between(x, mean - err, mean + err, alpha=0.25)
+    ax.set_yscale("symlog", linthresh=1e-6)
+    ax.set(
+        xlabel="t / T",
+        ylabel="nats",
+        title="how far the true reverse step is from a Gaussian",
+    )
+    ax.legend()
+    fig.tight_layout()
+    return _to_array(fig)
+
+
 def schedule_figure(diffusion: GaussianDiffusion, title: str = "") -> np.ndarray:
     """abar_t, log-SNR = log(abar_t / (1 - abar_t)) and the reverse variance sigma_t^2 of both
     choices (beta_t and tilde-beta_t, the run's own drawn bold) against t = 1..T."""

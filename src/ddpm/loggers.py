@@ -1,10 +1,12 @@
-"""Logger factories that need more than a `_target_`: wandb that never prompts or hangs."""
+"""Logger factories that need more than a `_target_` (wandb that never prompts or hangs), a guard
+that keeps a failing logger from ending a run, and how the commands log their results."""
 
 from __future__ import annotations
 
 import functools
 import netrc
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -99,3 +101,31 @@ def _hydra_sweep_group() -> str | None:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
     return "-".join(Path(HydraConfig.get().sweep.dir).parts[-3:])
+
+
+def flatten_numbers(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a nested dict, with '/'-joined keys."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(flatten_numbers(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = float(value)
+    return flat
+
+
+def log_results(
+    logger_node: Any, summary: dict[str, Any], rows: Sequence[dict[str, Any]] = (), prefix: str = ""
+) -> None:
+    """Send a command's results to the loggers its config names (`logger` group): each of `rows`
+    at its step `t`, then the numeric leaves of `summary`, all keys as `prefix/<key>`."""
+    from hydra.utils import instantiate
+
+    loggers = [guard_logger(instantiate(v)) for v in (logger_node or {}).values() if v]
+    for logger in loggers:
+        for row in rows:
+            values = flatten_numbers({k: v for k, v in row.items() if k != "t"}, f"{prefix}/")
+            logger.log_metrics(values, step=int(row["t"]))
+        logger.log_metrics(flatten_numbers(summary, f"{prefix}/"))
+        logger.save()
+    finish_wandb(loggers)

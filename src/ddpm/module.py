@@ -17,6 +17,7 @@ from torch import nn
 from ddpm.checks import check_choice, check_int
 from ddpm.diffusion import GaussianDiffusion, ImportanceTimesteps
 from ddpm.sampling import Trajectory, run_chain
+from ddpm.truth import loss_floor
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,14 @@ class DiffusionModule(pl.LightningModule):
         clip_denoised: bool = True,
         val_bpd_every: int = 0,
         val_bpd_batches: int = 1,
+        loss_floor_samples: int = 256,
         run_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         check_int("model.warmup_steps", warmup_steps, minimum=0)
         check_int("model.val_bpd_every", val_bpd_every, minimum=0)
         check_int("model.val_bpd_batches", val_bpd_batches, minimum=0)
+        check_int("model.loss_floor_samples", loss_floor_samples, minimum=0)
         check_choice("loss.timesteps", timestep_sampling, TIMESTEP_SAMPLINGS)
         if None in (backbone, diffusion, optimizer):
             if run_config is None:
@@ -90,6 +93,9 @@ class DiffusionModule(pl.LightningModule):
         # train/loss_q0..q3 sums and counts since the last logged step: a plain tensor, not a
         # buffer, so that DDP does not broadcast it, nor a checkpoint keep it
         self.quarter_stats: torch.Tensor | None = None
+        # the simple loss's floor per t, float32 [T], for data with a known distribution
+        self.loss_floor: torch.Tensor | None = None
+        self.loss_floor_samples = loss_floor_samples
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The network's output at (x_t, t): its prediction (and variance values)."""
@@ -116,7 +122,7 @@ class DiffusionModule(pl.LightningModule):
             gathered = self.all_gather(torch.stack([t.to(losses.dtype), losses.detach()]))
             all_t, all_losses = gathered.reshape(-1, 2, len(t)).transpose(0, 1).flatten(1)
             self.importance.update(all_t.long(), all_losses)
-        self._add_to_quarters(losses.detach(), t)
+        self._add_to_quarters(losses.detach(), t, terms.get("mse"))
         if self._logs_now():  # self.log costs ~2 ms on the host (and a collective with DDP)
             self.log("train/loss", loss, prog_bar=True, sync_dist=True)
             if len(terms) == 3:  # the loss and both its parts
@@ -140,22 +146,31 @@ class DiffusionModule(pl.LightningModule):
         """Whether Lightning sends this training step's logged values to the loggers."""
         return is_logged_step(self.trainer, self.global_step)
 
-    def _add_to_quarters(self, losses: torch.Tensor, t: torch.Tensor) -> None:
-        """Add the batch to the sums and counts of the (unweighted) loss per quarter of [0, T),
-        on the device (no host sync)."""
+    def _add_to_quarters(
+        self, losses: torch.Tensor, t: torch.Tensor, mse: torch.Tensor | None = None
+    ) -> None:
+        """Add the batch to the sums per quarter of [0, T), on the device (no host sync): the
+        (unweighted) loss, the count and, where the floor is known, the simple loss minus it."""
         if self.quarter_stats is None:
-            self.quarter_stats = torch.zeros(2, 4, device=losses.device)
+            self.quarter_stats = torch.zeros(3, 4, device=losses.device)
         quarter = t * 4 // self.diffusion.num_timesteps
         self.quarter_stats[0].index_add_(0, quarter, losses.float())
         self.quarter_stats[1].index_add_(0, quarter, torch.ones_like(losses, dtype=torch.float32))
+        if self.loss_floor is not None and mse is not None:
+            excess = mse.detach().float() - self.loss_floor[t]
+            self.quarter_stats[2].index_add_(0, quarter, excess)
 
     def _log_quarters(self) -> None:
         """`train/loss_q0..q3`: the loss over the examples whose t lies in each quarter of
-        [0, T), averaged since the last logged step (as improved-diffusion logs them); with
-        several processes, rank 0's share. The window then starts again."""
-        means = self.quarter_stats[0] / self.quarter_stats[1]  # nan for a quarter with no t
+        [0, T), averaged since the last logged step (as improved-diffusion logs them), and for
+        data with a known distribution `train/excess_loss_q0..q3`, the simple loss minus its
+        floor (`ddpm.truth.loss_floor`); with several processes, rank 0's share. The window then
+        starts again."""
+        sums, counts, excess = self.quarter_stats  # a quarter with no t gives nan
         for q in range(4):
-            self.log(f"train/loss_q{q}", means[q], rank_zero_only=True)
+            self.log(f"train/loss_q{q}", sums[q] / counts[q], rank_zero_only=True)
+            if self.loss_floor is not None:
+                self.log(f"train/excess_loss_q{q}", excess[q] / counts[q], rank_zero_only=True)
         self.quarter_stats.zero_()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -263,6 +278,7 @@ class DiffusionModule(pl.LightningModule):
         }
 
     def on_fit_start(self) -> None:
+        self._compute_loss_floor()
         if self.importance is not None:
             self.importance.to(self.device)  # its history lives beside the losses
         if self.trainer.world_size > 1:
@@ -276,3 +292,16 @@ class DiffusionModule(pl.LightningModule):
                 "continuous and may lie outside it; set model.clip_denoised=false.",
                 stacklevel=1,
             )
+
+    def _compute_loss_floor(self) -> None:
+        """For data whose distribution is known (`distribution()` of the data module) and an
+        objective with a simple-loss part, the floor of that part per t, by Monte Carlo with
+        `loss_floor_samples` draws per t from a generator of its own (the run's random state is
+        untouched, so resumes stay exact)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        distribution = datamodule.distribution() if datamodule is not None else None
+        if distribution is None or self.diffusion.loss == "vlb" or not self.loss_floor_samples:
+            return
+        generator = torch.Generator().manual_seed(0)
+        floor, _ = loss_floor(self.diffusion, distribution, self.loss_floor_samples, generator)
+        self.loss_floor = floor.float().to(self.device)

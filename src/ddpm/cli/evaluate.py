@@ -15,7 +15,6 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image
 
@@ -25,7 +24,7 @@ from ddpm.cli.common import CONF_DIR, quiet_known_noise, user_errors
 from ddpm.data.base import SPLITS
 from ddpm.distributed import world
 from ddpm.figures import bpd_terms_figure
-from ddpm.loggers import finish_wandb, guard_logger
+from ddpm.loggers import flatten_numbers, log_results
 from ddpm.metrics import bound_bpd, fid_kid, inception_weights, point_distances
 from ddpm.sampling import check_sampling, generate
 
@@ -110,25 +109,10 @@ def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         return metrics  # rank 0 writes and logs
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    flat = _flatten(metrics)
-    loggers = [guard_logger(instantiate(v)) for v in (cfg.get("logger") or {}).values() if v]
-    for logger in loggers:
-        logger.log_metrics({f"eval/{k}": v for k, v in flat.items()})
-        logger.save()
-    finish_wandb(loggers)
+    flat = flatten_numbers(metrics)
+    log_results(cfg.get("logger"), metrics, prefix="eval")
     print("\n".join(f"{k:<45} {v:.4f}" for k, v in flat.items()))
     return metrics
-
-
-def _flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """The numeric leaves of a nested dict, with '/'-joined keys."""
-    flat: dict[str, float] = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[f"{prefix}{key}"] = float(value)
-    return flat
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")

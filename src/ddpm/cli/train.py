@@ -17,7 +17,7 @@ from omegaconf.errors import InterpolationKeyError
 
 from ddpm.backbones import compile_backbone, set_matmul_precision
 from ddpm.callbacks import NanGuard, NonFiniteLossError
-from ddpm.checkpoint import check_same_model, read_checkpoint
+from ddpm.checkpoint import ORACLE_TARGET, check_same_model, read_checkpoint
 from ddpm.cli.common import CONF_DIR, quiet_known_noise, user_errors
 from ddpm.diffusion import output_channels
 from ddpm.loggers import finish_wandb, guard_logger
@@ -74,6 +74,11 @@ def build(cfg: DictConfig) -> Run:
     _check_config(cfg)
     set_matmul_precision(cfg.get("matmul_precision"))
     pl.seed_everything(cfg.seed, workers=True)
+    if OmegaConf.select(cfg, "backbone._target_") == ORACLE_TARGET:
+        raise ValueError(
+            "backbone=oracle has no weights to train: it is the Bayes-optimal network, for "
+            "ddpm-sample, ddpm-eval and ddpm-truth (e.g. ddpm-sample backbone=oracle data=gmm)."
+        )
     datamodule = instantiate(cfg.data)
     diffusion = instantiate(cfg.diffusion)
     try:

@@ -5,6 +5,7 @@ continuous data)."""
 
 from ddpm.data.base import ImageDataModule, PointDataModule, TensorDataModule
 from ddpm.data.digits import DigitsDataModule
+from ddpm.data.gmm import GaussianMixtureDataModule
 from ddpm.data.image_folder import ImageFolderDataModule
 from ddpm.data.toy2d import TOY2D_NAMES, Toy2DDataModule
 from ddpm.data.vision import (
@@ -19,6 +20,7 @@ __all__ = [
     "CIFAR10DataModule",
     "DigitsDataModule",
     "FashionMNISTDataModule",
+    "GaussianMixtureDataModule",
     "ImageDataModule",
     "ImageFolderDataModule",
     "MNISTDataModule",

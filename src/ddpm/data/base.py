@@ -23,6 +23,7 @@ from ddpm.figures import (
     point_trajectory_figure,
     scatter_plot,
 )
+from ddpm.truth import GaussianMixture
 
 SPLITS = ("train", "val", "test")
 
@@ -152,6 +153,10 @@ class TensorDataModule(pl.LightningDataModule):
 
     def check(self) -> None:
         """Raise a one-sentence ValueError when the files the data needs are missing."""
+
+    def distribution(self) -> GaussianMixture | None:
+        """The data's exact distribution when it is known (`ddpm.truth`), else None."""
+        return None
 
     @functools.cached_property
     def splits(self) -> dict[str, torch.Tensor]:

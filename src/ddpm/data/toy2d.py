@@ -9,6 +9,7 @@ import torch
 from sklearn.datasets import make_moons, make_swiss_roll
 
 from ddpm.data.base import PointDataModule
+from ddpm.truth import GaussianMixture
 
 TOY2D_NAMES = ("swissroll", "moons", "8gaussians", "checkerboard")
 
@@ -75,6 +76,15 @@ class Toy2DDataModule(PointDataModule):
             torch.from_numpy(make_toy2d(self.name, n, self.seed + i))
             for i, n in enumerate(self.sizes)
         )
+
+    def distribution(self) -> GaussianMixture | None:
+        """8gaussians: 8 equally weighted N(1.6 (cos a, sin a), 0.01 I), a = 2 pi k / 8; the
+        other sets have no mixture form (None)."""
+        if self.name != "8gaussians":
+            return None
+        angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
+        means = 1.6 * torch.stack([angles.cos(), angles.sin()], dim=1)
+        return GaussianMixture(means, torch.full((8,), 0.1**2), torch.ones(8))
 
     def second_draw(self, n: int) -> torch.Tensor:
         return torch.from_numpy(make_toy2d(self.name, n, self.seed + 1000))
