@@ -5,7 +5,8 @@ the interpreter's start-up (about 7 s, most of it importing Lightning), which th
     python tests/run_commands.py '[["train.py", "timesteps=0"], ["ddpm-sample", "..."], ...]'
 
 Each line calls the command's own entry point (`python train.py` and `ddpm-train`:
-ddpm.cli.train:main; `ddpm-sample`, `ddpm-eval`) with `sys.argv` set as the shell would set it.
+ddpm.cli.train:main; `ddpm-sample`, `ddpm-eval`, `ddpm-truth`) with `sys.argv` set as the shell
+would set it.
 """
 
 from __future__ import annotations
@@ -14,16 +15,23 @@ import contextlib
 import io
 import json
 import sys
+import time
 
 from hydra.core.global_hydra import GlobalHydra
 
-from ddpm.cli import evaluate, sample, train
+from ddpm.cli import evaluate, sample, train, truth
 
-ENTRY_POINTS = {"train.py": train.main, "ddpm-sample": sample.main, "ddpm-eval": evaluate.main}
+ENTRY_POINTS = {
+    "train.py": train.main,
+    "ddpm-sample": sample.main,
+    "ddpm-eval": evaluate.main,
+    "ddpm-truth": truth.main,
+}
 
 
 def run(words: list[str]) -> dict[str, object]:
     sys.argv = list(words)
+    started = time.perf_counter()
     stdout, stderr = io.StringIO(), io.StringIO()
     code: object = 0
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
@@ -37,7 +45,12 @@ def run(words: list[str]) -> dict[str, object]:
             traceback.print_exc(file=stderr)
             code = f"Traceback: {error!r}"
     GlobalHydra.instance().clear()
-    return {"code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()}
+    return {
+        "code": code,
+        "stdout": stdout.getvalue(),
+        "stderr": stderr.getvalue(),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 if __name__ == "__main__":

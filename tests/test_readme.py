@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import json
+import math
 import os
 import re
 import shlex
@@ -18,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT
@@ -302,10 +304,8 @@ def test_troubleshooting_rows(ckpt: Path, workdir: Path, tmp_path: Path) -> None
         words = ["train.py", *words[2:]] if words[:2] == ["python", "train.py"] else words
         if words[0] == "train.py" and str(ckpt) in command:
             words.append("timesteps=50")  # the checkpoint's T, so the row's key is the one named
-        if words[0] == "ddpm-sample" or words[0] == "ddpm-eval":
-            if not any(w.startswith("ckpt_path=") for w in words[1:]) and "required" not in message:
-                words.insert(1, f"ckpt_path={ckpt}")
-            words = [w for w in words if w != "..."]
+        if "..." in words[1:]:  # `ddpm-sample ... key=value`: with the checkpoint
+            words = [f"ckpt_path={ckpt}" if w == "..." else w for w in words]
         if not any(w.startswith("paths.log_dir=") for w in words):
             words.append(f"paths.log_dir={tmp_path / 'outputs'}")
         cases.append((words, message))
@@ -344,3 +344,126 @@ def test_troubleshooting_rows(ckpt: Path, workdir: Path, tmp_path: Path) -> None
     assert not failures, "\n".join(failures)
     assert {p: p.read_bytes() for p in sorted(previous.rglob("*")) if p.is_file()} == before
     assert blocker.read_text() == "not a folder\n"
+
+
+# The commands of "The true reverse process", in the README's order: the overrides that shorten
+# each, and the folder it writes (hydra.run.dir). The first model is continued to a second,
+# later checkpoint, so that the KL per t can be seen to fall with training.
+TRUTH_COMMANDS = {
+    "python train.py experiment=gmm": [
+        "trainer.max_steps=150", "trainer.val_check_interval=150",
+        "callbacks.samples.num_samples=16", "trainer.log_every_n_steps=10",
+    ],
+    "ddpm-truth ckpt_path=outputs/train/gmm-linear-beta/<time>/checkpoints/last.ckpt": [
+        "t_points=8", "num_samples=400", "max_examples=100", "batch_size=400",
+    ],
+    "ddpm-truth data=gmm gaussianity.timesteps=[2,5,10,50,1000]": [
+        "gaussianity.num_samples=1000", "gaussianity.t_points=8",
+    ],
+    "ddpm-truth data=digits distribution=train gaussianity.num_samples=1000 "
+    "gaussianity.t_points=20": [
+        "gaussianity.timesteps=[5]", "gaussianity.num_samples=200", "gaussianity.t_points=3",
+    ],
+    "ddpm-sample backbone=oracle data=gmm sampler=ddim steps=10": [],
+    "ddpm-eval backbone=oracle data=gmm sampler=respaced steps=10": [],
+    "ddpm-sample backbone=oracle backbone.distribution=train data=digits": [
+        "timesteps=50", "num_samples=32",
+    ],
+}  # fmt: skip
+
+
+def test_true_reverse_process_commands(tmp_path: Path) -> None:
+    """The section's commands, as typed (shortened by overrides), in one interpreter
+    (tests/run_commands.py): a gmm model and its continuation measured against the truth (the
+    KL falls with training, finite at every measured t), train/excess_loss_q* logged, the
+    small-steps claim on gmm and the digits' empirical distribution, and the oracle sampling
+    (a perfect network: DDPM's distance to the data at the floor, memorised digits)."""
+    listed = commands("The true reverse process")
+    assert listed == list(TRUTH_COMMANDS), listed
+    train_gmm, truth_model, gaps_gmm, gaps_digits, ddim, respaced, memorise = TRUTH_COMMANDS
+
+    def words(command: str, *more: str) -> list[str]:
+        found = with_overrides(command, [*TRUTH_COMMANDS[command], *more])
+        return ["train.py", *found[2:]] if found[:2] == ["python", "train.py"] else found
+
+    def last(name: str) -> str:
+        return f"ckpt_path={tmp_path / name / 'checkpoints' / 'last.ckpt'}"
+
+    runs = {
+        "early": words(train_gmm),
+        "later": words(train_gmm, last("early"), "trainer.max_steps=600",
+                       "trainer.val_check_interval=600"),
+        "truth-early": words(truth_model, last("early")),
+        "truth-later": words(truth_model, last("later")),
+        "gaps-gmm": words(gaps_gmm),
+        "gaps-digits": words(gaps_digits),
+        "ddim": words(ddim),
+        "respaced": words(respaced),
+        "memorise": words(memorise),
+    }  # fmt: skip
+    lines = [[*w, f"hydra.run.dir={tmp_path / name}"] for name, w in runs.items()]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "run_commands.py"), json.dumps(lines)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "WANDB_MODE": "", "HYDRA_FULL_ERROR": "0"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = json.loads(result.stdout.splitlines()[-1])
+    print({name: outcome["seconds"] for name, outcome in zip(runs, outcomes, strict=True)})
+    for line, outcome in zip(lines, outcomes, strict=True):
+        assert outcome["code"] == 0, (line, outcome["stderr"][-3000:])
+        assert "Traceback" not in outcome["stderr"], line
+
+    # training on a known distribution logs the simple loss above its floor per quarter of t
+    rows = list(csv.DictReader((tmp_path / "early" / "csv" / "metrics.csv").open()))
+    logged = [r for r in rows if r.get("train/excess_loss_q3")]
+    assert logged
+    for r in logged:
+        for q in range(4):
+            loss, excess = float(r[f"train/loss_q{q}"]), float(r[f"train/excess_loss_q{q}"])
+            # the floor (the mean of Var(eps | x_t) over the quarter's t) lies in (0, 1]; the
+            # excess is a Monte Carlo difference, which may dip below 0 near the floor
+            assert 0 < loss - excess <= 1 + 1e-6, (q, loss, excess)
+
+    # the model against the truth: finite KL at every measured t, falling with training
+    summaries = []
+    for folder in (tmp_path / "truth-early", tmp_path / "truth-later"):
+        summary = json.loads((folder / "truth.json").read_text())
+        terms = list(csv.DictReader((folder / "truth_terms.csv").open()))
+        assert len(terms) == 8 and (folder / "truth.png").is_file()
+        for row in terms:  # finite, and not below 0 by more than its Monte Carlo error
+            kl, stderr = float(row["kl"]), float(row["kl_stderr"])
+            assert math.isfinite(kl) and kl > -3 * stderr, row
+        assert summary["nll_bpd_exact"] < summary["bound_bpd_model"]
+        assert any(r.get("truth/kl") for r in csv.DictReader(only(
+            list(folder.glob("csv/**/metrics.csv"))).open()))  # fmt: skip
+        summaries.append(summary)
+    early_kl, late_kl = (s["kl_total"] for s in summaries)
+    late_err = summaries[1]["kl_total_stderr"]
+    assert late_kl + 3 * late_err < early_kl, (early_kl, late_kl)
+
+    # the small-steps claim: the gap falls as T grows, on gmm and the digits' training split
+    gaps = json.loads((tmp_path / "gaps-gmm" / "gaussianity.json").read_text())
+    total = {int(T): v["gaussian_gap_total"] for T, v in gaps["chains"].items()}
+    error = {int(T): v["gaussian_gap_total_stderr"] for T, v in gaps["chains"].items()}
+    for small, large in ((2, 10), (10, 1000)):
+        assert total[large] + 3 * error[large] < total[small] - 3 * error[small], total
+    digits = tmp_path / "gaps-digits"
+    assert json.loads((digits / "gaussianity.json").read_text())["dim"] == 64
+    assert (digits / "gaussianity.png").is_file() and (digits / "gaussianity.csv").is_file()
+
+    # a perfect network: DDIM's samples and the respaced chain's distance to the data
+    assert (tmp_path / "ddim" / "samples.npz").is_file()
+    metrics = json.loads((tmp_path / "respaced" / "metrics.json").read_text())
+    distance = metrics["energy_distance"]
+    assert distance["model"] < distance["gaussian_baseline"] / 2, distance
+    # the empirical distribution's oracle regenerates training digits, level for level
+    from ddpm.data import DigitsDataModule
+
+    samples = torch.from_numpy(np.load(tmp_path / "memorise" / "samples.npz")["samples"]).permute(
+        0, 3, 1, 2
+    )
+    train = DigitsDataModule().splits["train"]
+    assert len(samples) == 32
+    for sample in samples:
+        assert (train == sample).flatten(1).all(1).any()

@@ -165,9 +165,7 @@ def test_loss_floor_against_the_grid(prediction: str) -> None:
     v's 1 / (1 - abar) times it. Monte Carlo within 4 standard errors."""
     diffusion = chain(prediction=prediction)
     steps = [0, 5, 25, 49]
-    mean, stderr = loss_floor(
-        diffusion, MIXTURE_1D, 20000, torch.Generator().manual_seed(0), steps
-    )
+    mean, stderr = loss_floor(diffusion, MIXTURE_1D, 20000, torch.Generator().manual_seed(0), steps)
     p0 = data_density(MIXTURE_1D)
     for i, t in enumerate(steps):
         abar = diffusion.alphas_cumprod[t]

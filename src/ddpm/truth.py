@@ -56,6 +56,7 @@ class GaussianMixture:
         self.shape = tuple(means.shape[1:])
         self.dim = math.prod(self.shape)
         self._flat = means.reshape(k, -1)
+        self._outer: torch.Tensor | None = None  # the m_k m_k^T, [K, D * D], when first needed
 
     @property
     def num_components(self) -> int:
@@ -120,11 +121,18 @@ class GaussianMixture:
                     "q(x_{t-1} | x_t) at t = 0 of a mixture with point masses is discrete: it "
                     "has no density there (use t >= 1)."
                 )
-            means = a[:, :, None] * self._flat[None] + c[:, :, None] * x[:, None, :]
-            log_n = -0.5 * (
-                self.dim * torch.log(2 * math.pi * var)
-                + (y[:, None, :] - means).pow(2).sum(-1) / var
-            )
+            # ||y - a_k m_k - c_k x||^2 from inner products (no [B, K, D] is formed)
+            m = self._flat
+            yx = (y * x).sum(1, keepdim=True)
+            sq = (
+                y.pow(2).sum(1, keepdim=True)
+                - 2 * c * yx
+                + c**2 * x.pow(2).sum(1, keepdim=True)
+                - 2 * a * (y @ m.T)
+                + 2 * a * c * (x @ m.T)
+                + a**2 * m.pow(2).sum(1)[None]
+            ).clamp(min=0)
+            log_n = -0.5 * (self.dim * torch.log(2 * math.pi * var) + sq / var)
             out.append(torch.logsumexp(log_r + log_n, dim=1))
         return torch.cat(out)
 
@@ -152,16 +160,20 @@ class GaussianMixture:
         self, diffusion: GaussianDiffusion, x_t: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The mean [B, D] and covariance [B, D, D] of q(x_{t-1} | x_t) (flattened), float64: the
-        moments of the best Gaussian fitted to the true reverse step."""
+        moments of the best Gaussian fitted to the true reverse step. With component means
+        u_k = a_k m_k + c_k x: sum_k r_k (var_k I + u_k u_k^T) - mean mean^T, expanded so that
+        sum_k r_k a_k^2 m_k m_k^T is one product with the components' outer products."""
+        if self._outer is None:
+            self._outer = (self._flat[:, :, None] * self._flat[:, None, :]).flatten(1)
         means, covariances = [], []
-        for x, tt in self._chunks(x_t, t, per_row=self.num_components * self.dim):
-            log_r, a, c, var = self._reverse_components(diffusion, x, tt)
-            r = log_r.exp()
-            component_means = a[:, :, None] * self._flat[None] + c[:, :, None] * x[:, None, :]
-            mean = (r[:, :, None] * component_means).sum(1)
-            centred = r.sqrt()[:, :, None] * (component_means - mean[:, None, :])
-            covariance = centred.transpose(1, 2) @ centred
-            covariance.diagonal(dim1=1, dim2=2).add_((r * var).sum(1, keepdim=True))
+        d = self.dim
+        for x, tt in self._chunks(x_t, t, per_row=self.num_components + d * d):
+            mean, cross, cc, spread, r_var = self._reverse_sums(diffusion, x, tt)
+            covariance = (spread @ self._outer).reshape(-1, d, d)
+            covariance += cross[:, :, None] * x[:, None, :] + x[:, :, None] * cross[:, None, :]
+            covariance += cc[:, None, None] * x[:, :, None] * x[:, None, :]
+            covariance -= mean[:, :, None] * mean[:, None, :]
+            covariance.diagonal(dim1=1, dim2=2).add_(r_var[:, None])
             means.append(mean)
             covariances.append(covariance)
         return torch.cat(means), torch.cat(covariances)
@@ -173,13 +185,22 @@ class GaussianMixture:
         Gaussian closest to the true step (what a learned variance converges to)."""
         out = []
         for x, tt in self._chunks(x_t, t):
-            log_r, a, c, var = self._reverse_components(diffusion, x, tt)
-            r = log_r.exp()
-            component_means = a[:, :, None] * self._flat[None] + c[:, :, None] * x[:, None, :]
-            mean = (r[:, :, None] * component_means).sum(1)
-            spread = (r[:, :, None] * (component_means - mean[:, None, :]).pow(2)).sum(1)
-            out.append(spread + (r * var).sum(1, keepdim=True))
+            mean, cross, cc, spread, r_var = self._reverse_sums(diffusion, x, tt)
+            second = spread @ self._flat.pow(2) + 2 * cross * x + cc[:, None] * x.pow(2)
+            out.append(second - mean.pow(2) + r_var[:, None])
         return torch.cat(out).reshape(x_t.shape)
+
+    def _reverse_sums(
+        self, diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """What the reverse step's moments are made of: its mean sum_k r_k (a_k m_k + c_k x)
+        [B, D], sum_k r_k a_k c_k m_k [B, D], sum_k r_k c_k^2 [B], the weights r_k a_k^2 [B, K]
+        of the m_k m_k^T, and sum_k r_k var_k [B]."""
+        log_r, a, c, var = self._reverse_components(diffusion, x, t)
+        r = log_r.exp()
+        mean = (r * a) @ self._flat + (r * c).sum(1, keepdim=True) * x
+        cross = (r * a * c) @ self._flat
+        return mean, cross, (r * c**2).sum(1), r * a**2, (r * var).sum(1)
 
     def marginal_log_prob(
         self, diffusion: GaussianDiffusion, x_t: torch.Tensor, t: torch.Tensor

@@ -46,6 +46,15 @@ def launcher_setting(key: str, default: Any = None) -> Any:
 
 
 OmegaConf.register_new_resolver("launcher", launcher_setting, replace=True)
+
+
+def choice_or(choice: str | None, default: str) -> str:
+    """`${choice_or:${hydra:runtime.choices.GROUP},DEFAULT}`: the group's option, or DEFAULT when
+    the group is left null."""
+    return default if choice in (None, "None", "null") else choice
+
+
+OmegaConf.register_new_resolver("choice_or", choice_or, replace=True)
 # `${output_channels:C,VARIANCE}`: the backbone's output channels, 2C with a learned variance.
 OmegaConf.register_new_resolver("output_channels", output_channels, replace=True)
 

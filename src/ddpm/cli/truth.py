@@ -61,10 +61,16 @@ def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
+def steps_with_density(num_timesteps: int, distribution: Any) -> int:
+    """The steps whose true reverse has a density: all, but the last (to x_0) when the data
+    has point masses (an empirical distribution)."""
+    return num_timesteps - int(not bool((distribution.variances > 0).all()))
+
+
 def chain_total(rows: list[dict[str, Any]], key: str, num_timesteps: int) -> dict[str, float]:
-    """`<key>_total`: T times the mean of a per-t value over the measured steps (their sum when
-    every t was measured; for a KL per step, the KL between the whole chains), with its
-    standard error from the steps' Monte Carlo errors."""
+    """`<key>_total`: `num_timesteps` times the mean of a per-t value over the measured steps
+    (their sum when every step was measured; for a KL per step, the KL between the whole chains),
+    with its standard error from the steps' Monte Carlo errors."""
     n = len(rows)
     mean = sum(row[key] for row in rows) / n
     stderr = math.sqrt(sum(row[f"{key}_stderr"] ** 2 for row in rows)) / n
@@ -101,7 +107,9 @@ def model_study(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "t_measured": len(rows),
     }
     for name in ("kl", "gaussian_gap"):
-        summary.update(chain_total(rows, name, diffusion.num_timesteps))
+        summary.update(
+            chain_total(rows, name, steps_with_density(diffusion.num_timesteps, distribution))
+        )
     summary.update(chain_total(rows, "excess_loss", 1))  # the mean over t, not a total
     if datamodule.num_levels is None and bool((distribution.variances > 0).all()):
         held_out = datamodule.test_data[: cfg.max_examples]
@@ -153,7 +161,7 @@ def gaussianity_study(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         per_chain[str(T)] = {
             "max_beta": max(row["beta"] for row in chain_rows),
             "gaussian_gap_max": max(row["gaussian_gap"] for row in chain_rows),
-            **chain_total(chain_rows, "gaussian_gap", T),
+            **chain_total(chain_rows, "gaussian_gap", steps_with_density(T, distribution)),
         }
     summary = {
         "distribution": cfg.distribution,
