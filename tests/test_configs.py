@@ -25,18 +25,19 @@ def test_groups_have_the_documented_options() -> None:
     assert options("variance") == ["beta", "learned", "learned_range", "tilde_beta"]
     assert options("prediction") == ["eps", "mean", "v", "x0"]
     assert options("loss") == ["hybrid", "simple", "vlb"]
-    assert options("backbone") == ["mlp", "unet", "unet_ddpm_cifar10"]
+    assert options("backbone") == ["mlp", "oracle", "unet", "unet_ddpm_cifar10"]
     assert options("data") == [
         "cifar10",
         "digits",
         "fashion_mnist",
+        "gmm",
         "image_folder",
         "mnist",
         "toy2d",
     ]
     assert options("logger") == ["csv", "none", "tensorboard", "wandb"]
     assert options("trainer") == ["cpu", "ddp", "default", "gpu"]
-    assert {"digits", "toy2d"} <= set(options("experiment"))
+    assert {"digits", "toy2d", "gmm"} <= set(options("experiment"))
 
 
 @pytest.mark.parametrize("schedule", options("schedule"))
