@@ -121,6 +121,22 @@ def run(words: list[str], cwd: Path, env: dict | None = None) -> subprocess.Comp
     )
 
 
+def run_in_one_interpreter(lines: list[list[str]], cwd: Path) -> list[dict]:
+    """Run command lines of train.py and the ddpm-* commands through their entry points, one
+    after another in one interpreter (tests/run_commands.py): each one's exit status, output and
+    seconds. Start-up (about 7 s, most of it importing Lightning) is paid once."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "run_commands.py"), json.dumps(lines)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "WANDB_MODE": "", "HYDRA_FULL_ERROR": "0"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
 def only(paths: list[Path]) -> Path:
     assert len(paths) == 1, paths
     return paths[0]
@@ -250,23 +266,35 @@ def test_parameterisation_commands(command: str, compose_cfg, tmp_path: Path) ->
     check_train_run(tmp_path, 12, hydra=False)
 
 
-@pytest.mark.parametrize("command", commands("Sample and evaluate"))
-def test_sample_and_evaluate(command: str, ckpt: Path, workdir: Path, tmp_path: Path) -> None:
-    if command.startswith("CK="):
-        return  # the README's shorthand for the checkpoint, set by the `ckpt` fixture
-    words = with_overrides(command, EXTRA.get(command, []))
-    words = [w.replace("$CK", str(ckpt)) for w in words] + [f"paths.log_dir={tmp_path}"]
-    result = run(words, workdir)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    if words[0] == "ddpm-sample":
-        folder = only(runs_in(only(runs_in(tmp_path / "sample"))))
-        assert (folder / "samples.png").is_file() and (folder / "samples.npz").is_file()
-        assert (folder / "trajectory.png").is_file() == ("trajectory=true" in command)
-    else:
-        folder = only(runs_in(only(runs_in(tmp_path / "eval"))))
-        for name in ("metrics.json", "bpd_terms.csv", "bpd_terms.png"):
-            assert (folder / name).is_file(), name
-        assert "bpd" in result.stdout and "clip_denoised" in (folder / "metrics.json").read_text()
+def test_sample_and_evaluate(ckpt: Path, workdir: Path, tmp_path: Path) -> None:
+    """Every command of the section: `ddpm-sample` and `ddpm-eval` lines through their entry
+    points in one interpreter, `python -m ddpm.cli.evaluate` as a subprocess, as typed; each
+    exits 0 and leaves the files the section names."""
+    listed = [c for c in commands("Sample and evaluate") if not c.startswith("CK=")]
+    lines = []
+    for index, command in enumerate(listed):
+        words = with_overrides(command, EXTRA.get(command, []))
+        lines.append([w.replace("$CK", str(ckpt)) for w in words])
+        lines[-1].append(f"hydra.run.dir={tmp_path / str(index)}")
+    entry = [line for line in lines if line[0] != "python"]
+    outcomes = dict(zip(map(tuple, entry), run_in_one_interpreter(entry, workdir), strict=True))
+    for index, (command, words) in enumerate(zip(listed, lines, strict=True)):
+        if words[0] == "python":
+            result = run(words, workdir)
+            code, output = result.returncode, result.stdout + result.stderr
+        else:
+            outcome = outcomes[tuple(words)]
+            code, output = outcome["code"], outcome["stdout"] + outcome["stderr"]
+        assert code == 0, (command, output[-3000:])
+        assert "Traceback" not in output, command
+        folder = tmp_path / str(index)
+        if words[0] == "ddpm-sample":
+            assert (folder / "samples.png").is_file() and (folder / "samples.npz").is_file()
+            assert (folder / "trajectory.png").is_file() == ("trajectory=true" in command)
+        else:
+            for name in ("metrics.json", "bpd_terms.csv", "bpd_terms.png"):
+                assert (folder / name).is_file(), (command, name)
+            assert "bpd" in output and "clip_denoised" in (folder / "metrics.json").read_text()
 
 
 def message_pattern(message: str) -> str:
@@ -313,23 +341,9 @@ def test_troubleshooting_rows(ckpt: Path, workdir: Path, tmp_path: Path) -> None
     def check(share: list[tuple[list[str], str]]) -> list[str]:
         """Run a share of the rows in one interpreter (tests/run_commands.py: each row through
         its command's entry point, with its own argv)."""
-        result = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "tests" / "run_commands.py"),
-                json.dumps([w for w, _ in share]),
-            ],
-            cwd=workdir,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            env={**os.environ, "WANDB_MODE": "", "HYDRA_FULL_ERROR": "0"},
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+        outcomes = run_in_one_interpreter([w for w, _ in share], workdir)
         failures = []
-        for (words, message), outcome in zip(
-            share, json.loads(result.stdout.splitlines()[-1]), strict=True
-        ):
+        for (words, message), outcome in zip(share, outcomes, strict=True):
             stderr = outcome["stderr"].strip()
             last = stderr.splitlines()[-1] if stderr else ""
             if outcome["code"] != 1 or "Traceback" in stderr:
@@ -402,13 +416,7 @@ def test_true_reverse_process_commands(tmp_path: Path) -> None:
         "memorise": words(memorise),
     }  # fmt: skip
     lines = [[*w, f"hydra.run.dir={tmp_path / name}"] for name, w in runs.items()]
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "run_commands.py"), json.dumps(lines)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=900,
-        env={**os.environ, "WANDB_MODE": "", "HYDRA_FULL_ERROR": "0"},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    outcomes = json.loads(result.stdout.splitlines()[-1])
+    outcomes = run_in_one_interpreter(lines, tmp_path)
     print({name: outcome["seconds"] for name, outcome in zip(runs, outcomes, strict=True)})
     for line, outcome in zip(lines, outcomes, strict=True):
         assert outcome["code"] == 0, (line, outcome["stderr"][-3000:])

@@ -78,8 +78,9 @@ def chain_total(rows: list[dict[str, Any]], key: str, num_timesteps: int) -> dic
     return {name: num_timesteps * mean, f"{name}_stderr": num_timesteps * stderr}
 
 
-def model_study(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    """A trained model (or the oracle) against the true reverse process of its data."""
+def model_study(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, Any], list[dict]]:
+    """A trained model (or the oracle) against the true reverse process of its data: the
+    summary and the rows per t."""
     with user_errors():
         check_settings(cfg)
         trained = load_trained_for(cfg)
@@ -126,8 +127,8 @@ def model_study(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     return summary, rows
 
 
-def gaussianity_study(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    """For each T, the Gaussian gap of the true reverse step per t."""
+def gaussianity_study(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, Any], list[dict]]:
+    """For each T, the Gaussian gap of the true reverse step per t: the summary and the rows."""
     with user_errors():
         check_settings(cfg)
         if not cfg.get("data"):
@@ -190,10 +191,10 @@ def truth(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (output_dir / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
     log_results(cfg.get("logger"), summary, rows, prefix=name)
-    keys = [k for k in rows[0] if k not in ("T", "t", "beta") and not k.endswith("_stderr")]
-    print(" ".join(f"{k:>14}" for k in ("T", "t", "beta", *keys) if k in rows[0] or k in keys))
+    columns = [k for k in rows[0] if not k.endswith("_stderr")]
+    print(" ".join(f"{k:>14}" for k in columns))
     for row in rows:
-        print(" ".join(f"{row[k]:>14.6g}" for k in ("T", "t", "beta", *keys) if k in row))
+        print(" ".join(f"{row[k]:>14.6g}" for k in columns))
     print(json.dumps(summary, indent=2))
     return summary
 
