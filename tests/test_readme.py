@@ -443,6 +443,7 @@ def test_true_reverse_process_commands(tmp_path: Path) -> None:
             kl, stderr = float(row["kl"]), float(row["kl_stderr"])
             assert math.isfinite(kl) and kl > -3 * stderr, row
         assert summary["nll_bpd_exact"] < summary["bound_bpd_model"]
+        assert summary["num_examples"] == 100 and summary["num_samples_per_t"] == 400
         assert any(r.get("truth/kl") for r in csv.DictReader(only(
             list(folder.glob("csv/**/metrics.csv"))).open()))  # fmt: skip
         summaries.append(summary)
@@ -454,6 +455,8 @@ def test_true_reverse_process_commands(tmp_path: Path) -> None:
     gaps = json.loads((tmp_path / "gaps-gmm" / "gaussianity.json").read_text())
     total = {int(T): v["gaussian_gap_total"] for T, v in gaps["chains"].items()}
     error = {int(T): v["gaussian_gap_total_stderr"] for T, v in gaps["chains"].items()}
+    counted = list(csv.DictReader((tmp_path / "gaps-gmm" / "gaussianity.csv").open()))
+    assert [sum(int(r["T"]) == T for r in counted) for T in (2, 5, 10, 50, 1000)] == [2, 5, 8, 8, 8]
     for small, large in ((2, 10), (10, 1000)):
         assert total[large] + 3 * error[large] < total[small] - 3 * error[small], total
     digits = tmp_path / "gaps-digits"

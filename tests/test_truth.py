@@ -263,3 +263,37 @@ def test_data_modules_expose_the_distribution_their_points_come_from() -> None:
         assert abs(ll_data.mean() - ll_own.mean()) < 5 * stderr
         assert energy_distance(data, own) < 0.01
     assert Toy2DDataModule("moons").distribution() is None
+
+
+def test_gmm_keys_set_the_mixture() -> None:
+    """data.components, data.variance and data.spread are what the mixture has; data.seed
+    draws other means."""
+    from ddpm.data import GaussianMixtureDataModule
+
+    wide = GaussianMixtureDataModule(dim=16, components=400, spread=3.0, variance=0.04)
+    truth = wide.distribution()
+    assert truth.means.shape == (400, 16) and truth.shape == (16,)
+    assert torch.allclose(truth.variances, torch.full((400,), 0.04, dtype=torch.float64))
+    assert abs(truth.means.std().item() - 3.0) < 0.1  # 6400 draws of N(0, 9): stderr ~0.03
+    other = GaussianMixtureDataModule(dim=16, components=400, seed=1).distribution()
+    assert not torch.allclose(other.means, GaussianMixtureDataModule(dim=16, components=400)
+                              .distribution().means)  # fmt: skip
+
+
+@pytest.mark.parametrize("samples", [0, 8])
+def test_loss_floor_samples_switches_the_excess_loss(compose_cfg, samples: int) -> None:
+    """model.loss_floor_samples=0 turns train/excess_loss_q* off; otherwise each is the quarter's
+    simple loss minus the floor that `loss_floor` gives with that many draws per t."""
+    from ddpm.cli.train import build
+
+    short = ["trainer.max_steps=4", "trainer.log_every_n_steps=4", "trainer.val_check_interval=4"]
+    short += ["callbacks.samples.num_samples=4", "timesteps=40", "logger=none"]
+    cfg = compose_cfg(["experiment=gmm", *short, f"model.loss_floor_samples={samples}"])
+    run = build(cfg)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    logged = {k for k in run.trainer.callback_metrics if k.startswith("train/excess_loss_q")}
+    assert logged == (set() if samples == 0 else {f"train/excess_loss_q{q}" for q in range(4)})
+    if samples:
+        expected, _ = loss_floor(run.module.diffusion.cpu(), run.datamodule.distribution(),
+                                 samples, torch.Generator().manual_seed(0))  # fmt: skip
+        torch.testing.assert_close(run.module.loss_floor.cpu(), expected.float())

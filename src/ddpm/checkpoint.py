@@ -164,12 +164,17 @@ def is_oracle(backbone: dict[str, Any] | None) -> bool:
     return bool(backbone) and backbone.get("_target_") == ORACLE_TARGET
 
 
-def build_oracle(node: dict[str, Any], datamodule: Any, diffusion: GaussianDiffusion) -> nn.Module:
-    """The oracle network of a `backbone=oracle` node for this data and (trained) chain."""
+def oracle_trained(config: dict[str, Any], diffusion: GaussianDiffusion) -> Trained:
+    """The oracle network of the `backbone=oracle` node in `config`, for its `data` and the
+    (trained) chain `diffusion`."""
     from ddpm.truth import Oracle, distribution_of
 
-    which = node.get("distribution", "data")
-    return Oracle(distribution_of(datamodule, which, "backbone.distribution"), diffusion)
+    datamodule = instantiate(config["data"])
+    which = config["backbone"].get("distribution", "data")
+    oracle = Oracle(distribution_of(datamodule, which, "backbone.distribution"), diffusion)
+    trained = Trained(oracle, diffusion, config)
+    trained.__dict__["datamodule"] = datamodule  # the cached property, built once
+    return trained
 
 
 def oracle_without_checkpoint(
@@ -197,16 +202,10 @@ def oracle_without_checkpoint(
         "prediction": prediction,
         "loss": "hybrid" if variance in LEARNED_VARIANCES else "simple",
     }
-    datamodule = instantiate(data)
-    diffusion: GaussianDiffusion = instantiate(diffusion_node)
-    config = {
-        "data": data,
-        "diffusion": diffusion_node,
-        "backbone": backbone,
-        "model": {"clip_denoised": datamodule.num_levels is not None},
-    }
-    trained = Trained(build_oracle(backbone, datamodule, diffusion), diffusion, config)
-    trained.__dict__["datamodule"] = datamodule  # the cached property, built once
+    config = {"data": data, "diffusion": diffusion_node, "backbone": backbone, "model": {}}
+    trained = oracle_trained(config, instantiate(diffusion_node))
+    # clamp the predicted x_0 to [-1, 1] for images (quantised data), not for points
+    config["model"]["clip_denoised"] = trained.datamodule.num_levels is not None
     return trained
 
 
@@ -311,10 +310,7 @@ def load_trained(
         diffusion_node["variance"] = variance
     diffusion: GaussianDiffusion = instantiate(diffusion_node)
     if is_oracle(backbone):
-        config["backbone"] = backbone
-        trained = Trained(nn.Identity(), diffusion, config)
-        trained.backbone = build_oracle(backbone, trained.datamodule, diffusion)
-        return trained
+        return oracle_trained({**config, "backbone": backbone}, diffusion)
     if backbone:
         raise ValueError(
             f"backbone={backbone.get('_target_')} cannot replace a checkpoint's network: "

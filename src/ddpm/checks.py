@@ -1,5 +1,5 @@
-"""The checks that config values share across modules (schedules and diffusion keep their own,
-as they import only torch)."""
+"""The checks that config values share across modules: one-sentence ValueErrors naming the key,
+the value and what is allowed (standard library only, so that any module may use them)."""
 
 from __future__ import annotations
 
@@ -17,3 +17,9 @@ def check_choice(key: str, value: Any, allowed: Sequence[str]) -> None:
     """A one-sentence ValueError naming `key` unless `value` is one of `allowed`."""
     if value not in allowed:
         raise ValueError(f"{key}={value!r} is unknown: allowed are {', '.join(allowed)}.")
+
+
+def check_positive(key: str, value: Any) -> None:
+    """A one-sentence ValueError naming `key` unless `value` is a number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{key}={value!r} is invalid: it must be a number > 0.")

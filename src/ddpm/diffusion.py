@@ -20,6 +20,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ddpm.checks import check_choice, check_positive
+
 VARIANCES = ("beta", "tilde_beta", "learned", "learned_range")
 LEARNED_VARIANCES = ("learned", "learned_range")
 PREDICTIONS = ("eps", "x0", "mean", "v")
@@ -35,16 +37,6 @@ def output_channels(channels: int, variance: str) -> int:
     return 2 * channels if variance in LEARNED_VARIANCES else channels
 
 
-def _check_choice(key: str, value: object, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{key}={value!r} is unknown: allowed are {', '.join(allowed)}.")
-
-
-def _check_positive(key: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{key}={value!r} is invalid: it must be a number > 0.")
-
-
 def check_parameterisation(
     variance: str,
     prediction: str,
@@ -54,12 +46,12 @@ def check_parameterisation(
     min_snr_gamma: float = 5.0,
 ) -> None:
     """One-sentence ValueErrors for unknown choices and for combinations that cannot train."""
-    _check_choice("variance", variance, VARIANCES)
-    _check_choice("prediction", prediction, PREDICTIONS)
-    _check_choice("loss", loss, LOSSES)
-    _check_choice("loss.weighting", weighting, WEIGHTINGS)
-    _check_positive("loss.vlb_weight", vlb_weight)
-    _check_positive("loss.min_snr_gamma", min_snr_gamma)
+    check_choice("variance", variance, VARIANCES)
+    check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("loss", loss, LOSSES)
+    check_choice("loss.weighting", weighting, WEIGHTINGS)
+    check_positive("loss.vlb_weight", vlb_weight)
+    check_positive("loss.min_snr_gamma", min_snr_gamma)
     learned = variance in LEARNED_VARIANCES
     if loss == "simple" and learned:
         raise ValueError(

@@ -97,6 +97,14 @@ def bpd_terms_figure(terms_bpd: list[float]) -> np.ndarray:
     return _to_array(fig)
 
 
+def _with_band(ax, x: np.ndarray, rows: list[dict], key: str, **style) -> None:  # noqa: ANN001
+    """Plot rows[key] against x with a band of +- 2 standard errors (rows[key + "_stderr"])."""
+    mean = np.array([row[key] for row in rows])
+    err = 2 * np.array([row[f"{key}_stderr"] for row in rows])
+    ax.plot(x, mean, **style)
+    ax.fill_between(x, mean - err, mean + err, alpha=0.25)
+
+
 def truth_figure(rows: list[dict]) -> np.ndarray:
     """`ddpm-truth` with a model, against the paper's t: the KL from the true reverse step to the
     model's, beside the least KL a Gaussian step can reach (left); the model's simple loss minus
@@ -113,10 +121,7 @@ def truth_figure(rows: list[dict]) -> np.ndarray:
     )
     for ax, curves in panels:
         for key, label in curves:
-            mean = np.array([row[key] for row in rows])
-            err = 2 * np.array([row[f"{key}_stderr"] for row in rows])
-            ax.plot(t, mean, label=label)
-            ax.fill_between(t, mean - err, mean + err, alpha=0.3)
+            _with_band(ax, t, rows, key, label=label)
         ax.legend()
     axes[0].set_yscale("symlog", linthresh=1e-4)
     axes[0].set(xlabel="t", ylabel="nats", title="E KL(q(x_{t-1} | x_t) || .) over x_t ~ q")
@@ -134,10 +139,8 @@ def gaussianity_figure(rows: list[dict]) -> np.ndarray:
     for T in sorted({row["T"] for row in rows}):
         chain = [row for row in rows if row["T"] == T]
         x = np.array([row["t"] / T for row in chain])
-        mean = np.array([row["gaussian_gap"] for row in chain])
-        err = 2 * np.array([row["gaussian_gap_stderr"] for row in chain])
-        ax.plot(x, mean, marker="o" if len(chain) < 20 else None, ms=3, label=f"T = {T}")
-        ax.fill_between(x, mean - err, mean + err, alpha=0.25)
+        marker = "o" if len(chain) < 20 else None
+        _with_band(ax, x, chain, "gaussian_gap", label=f"T = {T}", marker=marker, ms=3)
     ax.set_yscale("symlog", linthresh=1e-6)
     ax.set(
         xlabel="t / T",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ddpm.checks import check_int
+from ddpm.checks import check_int, check_positive
 from ddpm.data.base import PointDataModule
 from ddpm.truth import GaussianMixture
 
@@ -44,9 +44,8 @@ class GaussianMixtureDataModule(PointDataModule):
             "num_test": num_test,
         }.items():
             check_int(f"data.{key}", value)
-        for key, value in {"spread": spread, "variance": variance}.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"data.{key}={value!r} is invalid: it must be a number > 0.")
+        check_positive("data.spread", spread)
+        check_positive("data.variance", variance)
         self.dim, self.seed = dim, seed
         self.mixture = make_mixture(dim, components, float(spread), float(variance), seed)
         self.sizes = (num_train, num_val, num_test)
