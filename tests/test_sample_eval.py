@@ -70,6 +70,7 @@ def test_eval_cli_writes_the_bound_and_skips_fid_in_one_line(digits_ckpt, tmp_pa
         f"ckpt_path={digits_ckpt}",
         "max_examples=20",
         "batch_size=10",
+        "fid.features=inception",  # whose weights are absent here
         f"paths.log_dir={tmp_path}",
     ]
     result = run_train(args, cwd=tmp_path, script="ddpm.cli.evaluate")
@@ -230,6 +231,7 @@ def test_fid_and_kid_from_a_local_weights_file(digits_ckpt: Path, compose_cfg, t
         "bpd=false",
         "batch_size=16",
         f"fid.weights_path={weights}",
+        "fid.features=inception",
         "fid.num_samples=16",
         "fid.reference_split=val",
         "fid.num_reference=20",
@@ -238,6 +240,8 @@ def test_fid_and_kid_from_a_local_weights_file(digits_ckpt: Path, compose_cfg, t
     fid = evaluate(cfg, Path(cfg.paths.output_dir))["fid"]
     assert math.isfinite(fid["fid"]) and fid["fid"] >= 0 and math.isfinite(fid["kid_mean"])
     assert (fid["reference_split"], fid["num_samples"], fid["num_reference"]) == ("val", 16, 20)
+    assert fid["features"] == "inception" and fid["num_floor"] == 16
+    assert math.isfinite(fid["fid_floor"]) and math.isfinite(fid["kid_floor_mean"])
 
 
 def test_torchrun_splits_sampling_and_the_bound_over_processes(digits_ckpt: Path, tmp_path) -> None:

@@ -48,13 +48,24 @@ class SampleGrid(pl.Callback):
     `trajectory_every`-th validation also the denoising trajectory (x_t and the predicted x_0 at
     10 times along the chain) as `dirpath/trajectory_XXXXXXX.png` (0: never).
 
+    With `score` (image data) the samples are scored too: FID and KID against the training
+    split in the features `ddpm-eval` uses (`ddpm.metrics.score_features`, the data's small
+    classifier cached under `cache_dir` for small images), logged as `val/fid` and `val/kid`
+    beside their floor at the same number of images (`val/fid_floor`, `val/kid_floor`).
+
     Sampling happens at the first validation batch: by then Lightning's EMAWeightAveraging has
     swapped the EMA weights in (at validation epoch start), whatever the order of the callbacks.
     Only global rank 0 samples and writes.
     """
 
     def __init__(
-        self, dirpath: str, num_samples: int = 64, seed: int = 0, trajectory_every: int = 0
+        self,
+        dirpath: str,
+        num_samples: int = 64,
+        seed: int = 0,
+        trajectory_every: int = 0,
+        score: bool = False,
+        cache_dir: str = "data",
     ) -> None:
         check_int("callbacks.samples.num_samples", num_samples)
         check_int("callbacks.samples.trajectory_every", trajectory_every, minimum=0)
@@ -63,6 +74,8 @@ class SampleGrid(pl.Callback):
         self.seed = seed
         self.trajectory_every = trajectory_every
         self.validations = 0
+        self.score, self.cache_dir = bool(score), cache_dir
+        self._features: torch.nn.Module | None = None
 
     def on_validation_batch_start(
         self,
@@ -90,6 +103,26 @@ class SampleGrid(pl.Callback):
         if trajectory:
             path = self.dirpath / f"trajectory_{step:07d}.png"
             save_and_log(trainer, path, "trajectory", data.show_trajectory(trajectory))
+        if self.score and "fid" in data.scores:
+            self._log_score(pl_module, samples)
+
+    def _log_score(self, pl_module: pl.LightningModule, samples: torch.Tensor) -> None:
+        from ddpm.metrics import fid_kid, held_out_images, score_features
+
+        data = pl_module.trainer.datamodule
+        if self._features is None:
+            self._features, _ = score_features(data, "auto", None, self.cache_dir)
+        if self._features is None:
+            return  # said why, once
+        device = samples.device
+        scores = fid_kid(
+            samples, data.train_data, held_out_images(data, "train"),
+            self._features.to(device), 256, str(device), self.seed,
+        )  # fmt: skip
+        for key in ("fid", "fid_floor"):
+            pl_module.log(f"val/{key}", scores[key], rank_zero_only=True)
+        pl_module.log("val/kid", scores["kid_mean"], rank_zero_only=True)
+        pl_module.log("val/kid_floor", scores["kid_floor_mean"], rank_zero_only=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"validations": self.validations}  # so a resumed run keeps the trajectory cadence

@@ -24,6 +24,7 @@ from ddpm.checks import check_choice, check_positive
 
 VARIANCES = ("beta", "tilde_beta", "learned", "learned_range")
 LEARNED_VARIANCES = ("learned", "learned_range")
+FIXED_VARIANCES = ("beta", "tilde_beta")
 PREDICTIONS = ("eps", "x0", "mean", "v")
 LOSSES = ("simple", "hybrid", "vlb")
 WEIGHTINGS = ("none", "snr", "min_snr")

@@ -152,6 +152,44 @@ def gaussianity_figure(rows: list[dict]) -> np.ndarray:
     return _to_array(fig)
 
 
+def results_figure(rows: list[dict], swept: list[str], metrics: list[str]) -> np.ndarray:
+    """A sweep's results: one panel per metric (rows) and swept key (columns), each job a point
+    at its value of the key, coloured by the rest of its choices; a dashed line through the
+    floor (`<metric>_floor`) when the jobs report one."""
+    plt = _pyplot()
+    metrics, keys = metrics or ["steps"], swept or ["run"]
+    fig, axes = plt.subplots(
+        len(metrics), len(keys), figsize=(3.6 * len(keys), 2.8 * len(metrics)), dpi=100,
+        squeeze=False,
+    )  # fmt: skip
+    for i, metric in enumerate(metrics):
+        for j, key in enumerate(keys):
+            ax = axes[i, j]
+            values = list(dict.fromkeys(str(row[key]) for row in rows))
+            others = [k for k in keys if k != key]
+            groups = list(dict.fromkeys(tuple(str(row[k]) for k in others) for row in rows))
+            for group in groups:
+                points = [
+                    (values.index(str(row[key])), row[metric])
+                    for row in rows
+                    if tuple(str(row[k]) for k in others) == group and row[metric] is not None
+                ]
+                label = ", ".join(f"{k}={v}" for k, v in zip(others, group, strict=True))
+                if points:
+                    x, y = zip(*points, strict=True)
+                    ax.plot(x, y, "o-", ms=4, label=label or None)
+            floors = [row.get(f"{metric}_floor") for row in rows]
+            floors = [f for f in floors if f is not None]
+            if floors:
+                ax.axhline(float(np.mean(floors)), ls="--", color="0.5", label="floor")
+            ax.set_xticks(range(len(values)), values, rotation=20, fontsize=8)
+            ax.set(xlabel=key, ylabel=metric)
+            if i == 0 and j == 0 and (len(groups) > 1 or floors):
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _to_array(fig)
+
+
 def schedule_figure(diffusion: GaussianDiffusion, title: str = "") -> np.ndarray:
     """abar_t, log-SNR = log(abar_t / (1 - abar_t)) and the reverse variance sigma_t^2 of both
     choices (beta_t and tilde-beta_t, the run's own drawn bold) against t = 1..T."""

@@ -11,6 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ddpm.checkpoint import Trained
+from ddpm.checks import check_choice
+from ddpm.data.base import SPLITS
 from ddpm.distributed import batch_seed, gather_in_order, my_share
 
 log = logging.getLogger(__name__)
@@ -103,52 +105,133 @@ def point_distances(
     return result
 
 
-def inception_weights(weights_path: str | None) -> Path | None:
-    """The Inception weights file FID/KID need, or None (with one line saying why) when it or
-    torch-fidelity is missing."""
+def inception_weights(weights_path: str | None, quiet: bool = False) -> Path | None:
+    """The Inception weights file FID/KID need, or None (with one line saying why, at info level
+    when `quiet`) when it or torch-fidelity is missing."""
+    say = log.info if quiet else log.warning
     weights = Path(weights_path or Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
     try:
         import torch_fidelity  # noqa: F401 - torchmetrics' Inception network comes from it
     except ImportError:
-        log.warning(
-            "FID/KID skipped: install torch-fidelity (pip install -e '.[fid]') to enable them."
+        say(
+            "Inception FID/KID skipped: install torch-fidelity (pip install -e '.[fid]') to "
+            "enable them."
         )
         return None
     if not weights.is_file():
-        log.warning(
-            f"FID/KID skipped: no Inception weights at {weights}; put {INCEPTION_FILE} there "
-            "(torch-fidelity's pt_inception-2015-12-05) or set fid.weights_path=<file>."
+        say(
+            f"Inception FID/KID skipped: no Inception weights at {weights}; put {INCEPTION_FILE} "
+            "there (torch-fidelity's pt_inception-2015-12-05) or set fid.weights_path=<file>."
         )
         return None
     return weights
 
 
+FEATURES = ("auto", "inception", "classifier")
+
+
+def score_features(
+    datamodule: Any, features: str, weights_path: str | None, cache_dir: str | Path, seed: int = 0
+) -> tuple[torch.nn.Module | None, str]:
+    """The network FID/KID are measured in and its name: `inception`, or the data's own small
+    classifier (`ddpm.classifier`); `auto` takes Inception for images of 16 pixels and more when
+    its weights are there, else the classifier. (None, reason) when neither can be had."""
+    check_choice("fid.features", features, FEATURES)
+    small = min(datamodule.data_shape[1:]) < 16
+    if features == "inception" or (features == "auto" and not small):
+        weights = inception_weights(weights_path, quiet=features == "auto")
+        if weights is not None:
+            return InceptionFeatures(weights), "inception"
+        if features == "inception":
+            return None, "no Inception weights"
+    from ddpm.classifier import classifier_for
+
+    net = classifier_for(datamodule, cache_dir, seed)
+    return (net, "classifier") if net is not None else (None, "no labels for a classifier")
+
+
+def held_out_images(datamodule: Any, reference_split: str) -> torch.Tensor:
+    """The real images outside `reference_split` (each split once: with data.val_size=0 the
+    validation split is the test split): what the floor of FID/KID is measured with."""
+    others, seen = [], set()
+    for name in SPLITS:
+        raw = datamodule.splits[name]
+        if name != reference_split and raw.data_ptr() not in seen:
+            seen.add(raw.data_ptr())
+            others.append(datamodule.split(name))
+    return torch.cat(others)
+
+
+class InceptionFeatures(torch.nn.Module):
+    """torchmetrics' Inception network (pool features, 2048) on images in [-1, 1]: quantised to
+    uint8 and grey made RGB, as the network expects."""
+
+    num_features = 2048
+
+    def __init__(self, weights: Path) -> None:
+        super().__init__()
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        self.inception = NoTrainInceptionV3(
+            name="inception-v3-compat",
+            features_list=["2048"],
+            feature_extractor_weights_path=str(weights),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = ((images + 1) * 127.5).round().to(torch.uint8)
+        return self.inception(images.expand(-1, 3, -1, -1))
+
+
 def fid_kid(
     samples: torch.Tensor,
     reference: torch.Tensor,
-    weights: Path,
+    held_out: torch.Tensor,
+    features: torch.nn.Module,
     batch_size: int,
     device: str = "cpu",
+    seed: int = 0,
 ) -> dict[str, float]:
-    """FID and KID (torchmetrics, one Inception network from `weights`) of images in [-1, 1]
-    against reference images."""
-    from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+    """FID and KID (torchmetrics) in the space of `features` (a module with `num_features`, on
+    images in [-1, 1]; samples are clamped there) of `samples` against `reference`, and their
+    floor: the same statistics of
+    as many `held_out` real images (disjoint from the reference) against it. KID draws its
+    subsets from a generator seeded by `seed`; the global random state is left as it was."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    inception = NoTrainInceptionV3(
-        name="inception-v3-compat",
-        features_list=["2048"],
-        feature_extractor_weights_path=str(weights),
-    )
-    # One network for both; with it given as a module, the metrics take uint8 images.
-    fid = FrechetInceptionDistance(feature=inception).to(device)
-    kid = KernelInceptionDistance(feature=inception, subset_size=min(1000, len(samples)))
+    n_floor = min(len(samples), len(held_out))
+    subset = min(1000, n_floor, len(reference))
+    fid = FrechetInceptionDistance(feature=features, reset_real_features=False).to(device)
+    kid = KernelInceptionDistance(feature=features, subset_size=subset, reset_real_features=False)
     kid = kid.to(device)
-    for images, real in ((reference, True), (samples, False)):
-        images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        images = images.expand(-1, 3, -1, -1)  # grey -> RGB
-        for batch in images.split(batch_size):
+
+    def add(images: torch.Tensor, real: bool) -> None:
+        for batch in images.clamp(-1, 1).split(batch_size):
             fid.update(batch.to(device), real=real)
             kid.update(batch.to(device), real=real)
-    kid_mean, kid_std = kid.compute()
-    return {"fid": fid.compute().item(), "kid_mean": kid_mean.item(), "kid_std": kid_std.item()}
+
+    def compute() -> tuple[float, float, float]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            kid_mean, kid_std = kid.compute()
+        return fid.compute().item(), kid_mean.item(), kid_std.item()
+
+    with torch.no_grad():
+        add(reference, real=True)
+        add(samples, real=False)
+        model = compute()
+        fid.reset(), kid.reset()  # the reference's features are kept
+        add(held_out[:n_floor], real=False)
+        floor = compute()
+    return {
+        "fid": model[0],
+        "fid_floor": floor[0],
+        "kid_mean": model[1],
+        "kid_std": model[2],
+        "kid_floor_mean": floor[1],
+        "kid_floor_std": floor[2],
+        "num_samples": len(samples),
+        "num_reference": len(reference),
+        "num_floor": n_floor,
+    }

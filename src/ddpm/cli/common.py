@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ddpm.diffusion import output_channels
+from ddpm.results import collect, write_table
 
 CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")  # the repository's conf/
 
@@ -108,6 +109,22 @@ class CheckOutputFolder(Callback):
         Path(config.paths.log_dir).mkdir(parents=True, exist_ok=True)
 
 
+class ResultsTable(Callback):
+    """A Hydra callback: at the end of a multirun (local, Optuna or SLURM alike), one row per job
+    of the sweep folder from its results.json, written as results.csv, results.md and
+    results.png beside the jobs."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows, swept = collect(sweep_dir)
+        if not any(row["status"] == "finished" for row in rows):
+            return  # not a training sweep, or nothing finished
+        write_table(sweep_dir, rows, swept)
+        logging.getLogger(__name__).info(
+            f"results of {len(rows)} job(s): {sweep_dir / 'results.md'}"
+        )
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn a configuration error raised inside into `Error: <sentence>` and exit code 1
@@ -124,13 +141,15 @@ def user_errors() -> Iterator[None]:
 
 # What the console would show that the project cannot fix and a user need not read: deprecation
 # notices raised inside Lightning and torchdata about their own calls, Lightning's advertising
-# tip, and its warning that an epoch is shorter than log_every_n_steps (our runs count steps
-# across epochs). Each is matched by its message and the module that raises it, nothing wider.
+# tip, its warning that an epoch is shorter than log_every_n_steps (our runs count steps
+# across epochs), and torchmetrics' note that KID keeps its features (ours are small). Each is
+# matched by its message and the module that raises it, nothing wider.
 KNOWN_NOISE = (
     (r".*'set_vital' is deprecated", r"torchdata\.stateful_dataloader"),
     (r".*isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities"),
     (r".*torch\.distributed\.nn\.functional\.all_gather is deprecated", r"lightning\.fabric"),
     (r"The number of training batches .* is smaller than the logging interval", r"lightning"),
+    (r".*Metric `Kernel Inception Distance` will save all extracted features", r"torchmetrics"),
 )
 
 

@@ -25,7 +25,7 @@ from ddpm.data.base import SPLITS
 from ddpm.distributed import world
 from ddpm.figures import bpd_terms_figure
 from ddpm.loggers import flatten_numbers, log_results
-from ddpm.metrics import bound_bpd, fid_kid, inception_weights, point_distances
+from ddpm.metrics import bound_bpd, fid_kid, held_out_images, point_distances, score_features
 from ddpm.sampling import check_sampling, generate
 
 
@@ -55,7 +55,7 @@ def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         fid_wanted = "fid" in datamodule.scores and cfg.fid.enabled
         if fid_wanted:
             check_split(cfg.fid.reference_split, "fid.reference_split")
-        num_samples = cfg.fid.num_samples if fid_wanted else len(data)
+        num_samples = (cfg.fid.num_samples or 1) if fid_wanted else len(data)
         check_sampling(
             trained.diffusion, num_samples, cfg.batch_size, cfg.sampler, cfg.steps, cfg.eta
         )
@@ -82,21 +82,25 @@ def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         metrics.update(bound, num_examples=len(data), num_levels=datamodule.num_levels)
     if fid_wanted:
         metrics["fid"] = None
-        weights = inception_weights(cfg.fid.weights_path)
-        if weights is not None:
+        features, kind = score_features(
+            datamodule, cfg.fid.features, cfg.fid.weights_path, cfg.paths.data_dir,
+            cfg.fid.classifier_seed,
+        )  # fmt: skip
+        if features is not None:  # else score_features said why, in one line
+            held_out = held_out_images(datamodule, cfg.fid.reference_split)
+            num_samples = cfg.fid.num_samples or len(held_out)
             samples, _ = generate(
-                trained, cfg.fid.num_samples, cfg.batch_size, **sampling, seed=cfg.seed,
-                device=device,
-            )  # fmt: skip
+                trained, num_samples, cfg.batch_size, **sampling, seed=cfg.seed, device=device
+            )
             if world()[0] == 0:  # rank 0 computes the statistics
                 reference = datamodule.split(cfg.fid.reference_split)[: cfg.fid.num_reference]
-                scores = fid_kid(samples, reference, weights, cfg.batch_size, device)
+                scores = fid_kid(
+                    samples, reference, held_out, features.to(device), cfg.batch_size, device,
+                    cfg.seed,
+                )  # fmt: skip
                 metrics["fid"] = {
-                    **scores,
-                    "reference_split": cfg.fid.reference_split,
-                    "num_samples": cfg.fid.num_samples,
-                    "num_reference": len(reference),
-                }
+                    **scores, "features": kind, "reference_split": cfg.fid.reference_split,
+                }  # fmt: skip
     if "distances" in datamodule.scores:
         samples, _ = generate(
             trained, len(data), cfg.batch_size, **sampling, seed=cfg.seed, device=device

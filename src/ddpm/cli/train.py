@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,17 +12,24 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Timer
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationKeyError
+from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException
 
 from ddpm.backbones import compile_backbone, set_matmul_precision
 from ddpm.callbacks import NanGuard, NonFiniteLossError
 from ddpm.checkpoint import ORACLE_TARGET, check_same_model, read_checkpoint
+from ddpm.checks import check_choice
 from ddpm.cli.common import CONF_DIR, quiet_known_noise, user_errors
-from ddpm.diffusion import output_channels
+from ddpm.cli.evaluate import check_split, evaluate
+from ddpm.diffusion import FIXED_VARIANCES, output_channels
 from ddpm.loggers import finish_wandb, guard_logger
 from ddpm.module import DiffusionModule
+from ddpm.results import config_digest, read_run_results, write_run_results
+from ddpm.sampling import check_sampling
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +130,9 @@ def build(cfg: DictConfig) -> Run:
 def _check_not_ddp_in_local_sweep(trainer: pl.Trainer) -> None:
     """Lightning's DDP starts its other processes by re-running the command line, which inside a
     local multirun would start the whole sweep again in each; refuse that before training."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if trainer.world_size == 1 or not HydraConfig.initialized():
+    if trainer.world_size == 1 or not _in_multirun():
         return
-    hydra_cfg = HydraConfig.get()
-    local = hydra_cfg.launcher.get("_target_", "").endswith("BasicLauncher")
-    if hydra_cfg.mode == RunMode.MULTIRUN and local:
+    if HydraConfig.get().launcher.get("_target_", "").endswith("BasicLauncher"):
         raise ValueError(
             f"trainer={_choice('trainer')} with {trainer.world_size} processes cannot run inside a "
             "local multirun (-m): Lightning's DDP starts its processes by re-running the command, "
@@ -138,12 +141,24 @@ def _check_not_ddp_in_local_sweep(trainer: pl.Trainer) -> None:
         )
 
 
-def resume_path(cfg: DictConfig) -> str | None:
-    """The checkpoint to resume from: `ckpt_path`, or with `ckpt_path=auto` the run folder's
-    checkpoints/last.ckpt when there is one (None: start afresh)."""
+def _in_multirun() -> bool:
+    """Whether this run is a job of a Hydra multirun (-m)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _auto_resume(cfg: DictConfig) -> bool:
+    """`ckpt_path=auto`, which a sweep job's `ckpt_path=null` means too: a rerun of the same sweep
+    command (same hydra.sweep.dir) keeps finished jobs and continues unfinished ones."""
     ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path != "auto":
-        return ckpt_path
+    return ckpt_path == "auto" or (ckpt_path is None and _in_multirun())
+
+
+def resume_path(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from: `ckpt_path`, or with `ckpt_path=auto` (and in a sweep job
+    without ckpt_path) the run folder's checkpoints/last.ckpt when there is one (None: start
+    afresh)."""
+    if not _auto_resume(cfg):
+        return cfg.get("ckpt_path")
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     if last.is_file():
         log.info(f"ckpt_path=auto: resuming from {last}")
@@ -154,27 +169,152 @@ def resume_path(cfg: DictConfig) -> str | None:
 
 def _choice(group: str) -> str:
     """The option chosen for a config group in this Hydra run ('?' outside one)."""
-    from hydra.core.hydra_config import HydraConfig
-
     if not HydraConfig.initialized():
         return "?"
     return str(HydraConfig.get().runtime.choices.get(group, "?"))
 
 
+def finished_before(cfg: DictConfig) -> dict[str, Any] | None:
+    """With `ckpt_path=auto` (or in a sweep job): the run folder's results.json when it records
+    a finished run of the same config, which then is not trained again."""
+    if not _auto_resume(cfg):
+        return None
+    record = read_run_results(cfg.paths.output_dir)
+    digest = config_digest(OmegaConf.to_container(cfg, resolve=True))
+    if record and record.get("config_digest") == digest:
+        return record
+    return None
+
+
+def _without_nulls(node: Any) -> Any:
+    """A nested dict without its None leaves (what `eval` leaves to conf/eval.yaml)."""
+    if isinstance(node, dict):
+        kept = {k: _without_nulls(v) for k, v in node.items() if v is not None}
+        return {k: v for k, v in kept.items() if v != {}}
+    return node
+
+
+def eval_config(cfg: DictConfig) -> dict[str, DictConfig] | None:
+    """With `eval_after_fit`: conf/eval.yaml with the `eval` keys that are not null over it and
+    the run's own last.ckpt (under the name ""), and one such config per `eval.variants` entry
+    (its keys over that); checked now, so that a bad key or value stops the run before
+    training."""
+    if not cfg.get("eval_after_fit"):
+        return None
+    from hydra import compose
+
+    asked = _without_nulls(OmegaConf.to_container(cfg.get("eval") or {}, resolve=True))
+    variants = {"": {}, **(asked.pop("variants", None) or {})}
+    trained_variance = cfg.diffusion.variance
+    configs = {}
+    for name, keys in variants.items():
+        evaluation = compose("eval", overrides=["logger=none"])
+        key_prefix = f"eval.variants.{name}." if name else "eval."
+        try:
+            evaluation.merge_with(asked, keys or {})
+        except OmegaConfBaseException as error:
+            key = getattr(error, "full_key", "?")
+            raise ValueError(
+                f"{key_prefix}{key} is not a key of ddpm-eval (conf/eval.yaml)."
+            ) from error
+        evaluation.paths = cfg.paths  # the classifier cache under paths.data_dir
+        evaluation.ckpt_path = str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+        variance = evaluation.diffusion.variance
+        if variance is not None and variance != trained_variance:
+            check_choice(f"{key_prefix}diffusion.variance", variance, FIXED_VARIANCES)
+            if trained_variance not in FIXED_VARIANCES:
+                raise ValueError(
+                    f"{key_prefix}diffusion.variance={variance} with variance={trained_variance}:"
+                    " only a fixed variance can be swapped for the other."
+                )
+        try:
+            check_split(evaluation.split)
+            check_sampling(
+                instantiate(cfg.diffusion), 1, evaluation.batch_size, evaluation.sampler,
+                evaluation.steps, evaluation.eta,
+            )  # fmt: skip
+        except ValueError as error:  # its message starts with the key
+            raise ValueError(f"{key_prefix}{error}") from error
+        configs[name] = evaluation
+    return configs
+
+
+def evaluate_after_fit(
+    evaluations: dict[str, DictConfig], run: Run, output_dir: Path
+) -> dict[str, float]:
+    """ddpm-eval on the run's last.ckpt (into <run>/eval/, and <run>/eval/<name>/ for each
+    variant), its headline numbers as `test/...` (`test/<name>/...`) sent to the run's loggers
+    at the last step."""
+    headline: dict[str, float] = {}
+    for name, evaluation in evaluations.items():
+        if not Path(evaluation.ckpt_path).is_file():
+            raise ValueError(
+                f"eval_after_fit=true needs {evaluation.ckpt_path}, which this run did not "
+                "write: keep callbacks.checkpoint (save_last) on."
+            )
+        found = evaluate(evaluation, output_dir / "eval" / name)
+        fid = found.get("fid") or {}
+        values = {
+            "bpd": found.get("bpd"),
+            "fid": fid.get("fid"),
+            "fid_floor": fid.get("fid_floor"),
+            "kid": fid.get("kid_mean"),
+            "kid_floor": fid.get("kid_floor_mean"),
+            "energy_distance": (found.get("energy_distance") or {}).get("model"),
+        }
+        prefix = f"test/{name}/" if name else "test/"
+        headline.update({prefix + k: float(v) for k, v in values.items() if v is not None})
+    for logger in run.trainer.loggers:
+        logger.log_metrics(headline, step=run.trainer.global_step)
+        logger.save()
+    return headline
+
+
+def _training_seconds(trainer: pl.Trainer, fallback: float) -> float:
+    """Training time from the `timer` callback (Lightning's Timer keeps it in checkpoints, so it
+    adds up over resumes), else `fallback`."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, Timer):
+            return callback.time_elapsed("train")
+    return fallback
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Build and fit; return the final callback metrics (e.g. `val/loss`) as floats."""
+    """Build and fit; return the final callback metrics (e.g. `val/loss`) as floats. Each run
+    ends by writing results.json in its folder (what a sweep's results table reads)."""
+    output_dir = Path(cfg.paths.output_dir)
     with user_errors():  # configuration errors end here, in one sentence, before training
+        record = finished_before(cfg)
+        if record is not None:
+            log.info(f"{output_dir} holds a finished run of this config: not trained again")
+            return record["metrics"]
+        evaluation = eval_config(cfg)
         run = build(cfg)
+    started = time.perf_counter()
     try:
         run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path)
+        seconds = _training_seconds(run.trainer, time.perf_counter() - started)
+        metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items()}
+        if evaluation is not None:
+            with user_errors():
+                metrics.update(evaluate_after_fit(evaluation, run, output_dir))
     except NonFiniteLossError as error:
         print(f"Error: {error}", file=sys.stderr)
         sys.exit(1)
     finally:
         finish_wandb(run.trainer.loggers)
-    metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items()}
+    if run.trainer.is_global_zero:
+        write_run_results(
+            output_dir,
+            {
+                "config_digest": config_digest(OmegaConf.to_container(cfg, resolve=True)),
+                "step": run.trainer.global_step,
+                "wall_seconds": round(seconds, 1),
+                "metrics": metrics,
+            },
+        )
     log.info("final metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
-    log.info(f"outputs (checkpoints, samples, logs) in {cfg.paths.output_dir}")
+    log.info(f"outputs (checkpoints, samples, logs) in {output_dir}")
     return metrics
 
 
@@ -196,10 +336,7 @@ def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
 def _sweeper_optimises() -> bool:
     """Whether this job runs under a sweeper that reads its return value (not Hydra's basic
     sweeper, which only runs the grid)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+    if not _in_multirun():
         return False
     return not HydraConfig.get().sweeper.get("_target_", "").endswith("BasicSweeper")
 

@@ -158,6 +158,16 @@ class TensorDataModule(pl.LightningDataModule):
         """The data's exact distribution when it is known (`ddpm.truth`), else None."""
         return None
 
+    def make_labels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The class labels of the three splits (int64, aligned with `make_splits`), or None for
+        data without labels."""
+        return None
+
+    def labels(self, name: str) -> torch.Tensor | None:
+        """The class labels of split `name` (what the sample score's classifier learns), or None."""
+        labels = self.make_labels()
+        return None if labels is None else dict(zip(SPLITS, labels, strict=True))[name]
+
     @functools.cached_property
     def splits(self) -> dict[str, torch.Tensor]:
         self.check()

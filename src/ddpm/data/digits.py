@@ -43,7 +43,12 @@ class DigitsDataModule(ImageDataModule):
     def data_shape(self) -> tuple[int, ...]:
         return (1, 8, 8)
 
+    def _split(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n_val, n_test = (round(f * len(data)) for f in (self.val_fraction, self.test_fraction))
+        return seeded_split(data, n_val, n_test, self.split_seed)
+
     def make_splits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = torch.from_numpy(load_digits().images).to(torch.uint8).unsqueeze(1)  # 0..16
-        n_val, n_test = round(self.val_fraction * len(x)), round(self.test_fraction * len(x))
-        return seeded_split(x, n_val, n_test, self.split_seed)
+        return self._split(torch.from_numpy(load_digits().images).to(torch.uint8).unsqueeze(1))
+
+    def make_labels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._split(torch.from_numpy(load_digits().target).long())

@@ -73,8 +73,10 @@ class TorchvisionDataModule(ImageDataModule):
             for train in (True, False):
                 self._read(train, download=True)
 
-    def _read(self, train: bool, download: bool = False) -> torch.Tensor:
-        """One torchvision split as uint8 [N, C, H, W]."""
+    def _read(
+        self, train: bool, download: bool = False, labels: bool = False
+    ) -> torch.Tensor:
+        """One torchvision split as uint8 [N, C, H, W] (with `labels`: its int64 labels [N])."""
         try:
             dataset = self.dataset_class(str(self.root), train=train, download=download)
         except (RuntimeError, OSError) as error:  # corrupted files, or no internet
@@ -83,11 +85,16 @@ class TorchvisionDataModule(ImageDataModule):
                 f"{'download' if download else 'read'} {self.name} ({error}); delete the folder "
                 "and download again, or copy the files there."
             ) from error
+        if labels:
+            return torch.as_tensor(dataset.targets).long()
         data = torch.as_tensor(dataset.data)
         return data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
 
-    def make_splits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        train, test = self._read(train=True), self._read(train=False)
+    def make_labels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.make_splits(labels=True)
+
+    def make_splits(self, labels: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        train, test = self._read(True, labels=labels), self._read(False, labels=labels)
         if self.val_size == 0:
             return train, test, test
         if self.val_size >= len(train):

@@ -1,0 +1,117 @@
+"""A sweep as a result: each training run leaves `results.json` in its folder (final metrics,
+steps, wall time, and what `eval_after_fit` measured); `collect` reads a sweep folder's jobs
+into rows and `write_table` writes results.csv, results.md and results.png beside them."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+RESULTS_FILE = "results.json"
+# Keys that do not change what a run computes, left out of its digest.
+VOLATILE_KEYS = ("ckpt_path", "paths", "logger", "run_name", "tags")
+# The metrics a table shows, when the runs have them: val/loss, val/bpd, the sample scores during
+# training (val/fid, val/kid) and everything eval_after_fit measured (test/...).
+TABLE_METRICS = ("val/loss", "val/bpd", "val/fid", "val/kid", "test/")
+PLOTTED = ("loss", "bpd", "fid", "energy_distance")  # results.png: these against the swept keys
+
+
+def config_digest(run_config: dict[str, Any]) -> str:
+    """A hash of the resolved config without `VOLATILE_KEYS`: equal when a run would compute the
+    same thing (a finished sweep job with the same digest is not trained again)."""
+    kept = {k: v for k, v in run_config.items() if k not in VOLATILE_KEYS}
+    return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_run_results(output_dir: str | Path, record: dict[str, Any]) -> None:
+    """results.json of one run, written through a temporary file so a kill leaves none or all."""
+    path = Path(output_dir) / RESULTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(record, indent=2, default=float) + "\n")
+    temporary.replace(path)
+
+
+def read_run_results(output_dir: str | Path) -> dict[str, Any] | None:
+    """A run's results.json, or None when it has none (not finished) or it cannot be read."""
+    path = Path(output_dir) / RESULTS_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _job_overrides(job_dir: Path) -> dict[str, str]:
+    """The job's command-line overrides (Hydra's .hydra/overrides.yaml) as key -> value."""
+    pairs = OmegaConf.to_container(OmegaConf.load(job_dir / ".hydra" / "overrides.yaml"))
+    return dict(pair.lstrip("+~").split("=", 1) for pair in pairs if "=" in pair)
+
+
+def collect(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per job folder of a sweep (those with .hydra/), ordered by job number, and the
+    swept keys: the overrides whose values differ between jobs (all of them for one job)."""
+    jobs = [p.parent.parent for p in Path(sweep_dir).glob("*/.hydra/overrides.yaml")]
+    jobs.sort(key=lambda p: (int(p.name.split("_")[0]) if p.name[0].isdigit() else 1e9, p.name))
+    overrides = [_job_overrides(job) for job in jobs]
+    keys = list(dict.fromkeys(k for o in overrides for k in o))
+    ckpt_keys = {"ckpt_path", "hydra.sweep.dir"}
+    swept = [k for k in keys if k not in ckpt_keys and len({o.get(k) for o in overrides}) > 1]
+    if len(jobs) == 1:
+        swept = [k for k in keys if k not in ckpt_keys]
+    records = [read_run_results(job) or {} for job in jobs]
+    shown = [
+        key
+        for key in dict.fromkeys(k for r in records for k in r.get("metrics", {}))
+        if key.startswith(TABLE_METRICS)
+    ]
+    rows = []
+    for job, chosen, record in zip(jobs, overrides, records, strict=True):
+        metrics = record.get("metrics", {})
+        row: dict[str, Any] = {k: chosen.get(k, "") for k in swept}
+        row.update({k: metrics.get(k) for k in shown})
+        row["steps"] = record.get("step")
+        row["wall_seconds"] = record.get("wall_seconds")
+        row["status"] = "finished" if record else "unfinished"
+        row["run"] = job.name
+        rows.append(row)
+    return rows, swept
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def write_table(sweep_dir: str | Path, rows: list[dict[str, Any]], swept: list[str]) -> None:
+    """results.csv (every column), results.md (the columns some job has a value in) and
+    results.png (each metric against each swept key) in the sweep folder."""
+    from PIL import Image
+
+    from ddpm.figures import results_figure
+
+    sweep_dir = Path(sweep_dir)
+    columns = list(rows[0]) if rows else []
+    with (sweep_dir / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({k: _shown(v) for k, v in row.items()} for row in rows)
+    shown = [c for c in columns if any(row[c] not in (None, "") for row in rows)]
+    lines = [
+        "| " + " | ".join(shown) + " |",
+        "|" + "---|" * len(shown),
+        *("| " + " | ".join(_shown(row[c]) for c in shown) + " |" for row in rows),
+    ]
+    (sweep_dir / "results.md").write_text("\n".join(lines) + "\n")
+    metrics = [
+        c for c in shown if c.startswith(TABLE_METRICS) and c.rsplit("/", 1)[-1] in PLOTTED
+    ]
+    Image.fromarray(results_figure(rows, swept, metrics)).save(sweep_dir / "results.png")
