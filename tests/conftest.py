@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -74,3 +75,19 @@ def run_train(
         timeout=timeout,
         env=full_env,
     )
+
+
+def run_in_one_interpreter(lines: list[list[str]], cwd: Path) -> list[dict]:
+    """Run command lines of train.py and the ddpm-* commands through their entry points, one
+    after another in one interpreter (tests/run_commands.py): each one's exit status, output and
+    seconds. Start-up (about 7 s, most of it importing Lightning) is paid once."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "run_commands.py"), json.dumps(lines)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "WANDB_MODE": "", "HYDRA_FULL_ERROR": "0"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])

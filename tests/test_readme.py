@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_in_one_interpreter
 
 README = (ROOT / "README.md").read_text()
 
@@ -119,22 +119,6 @@ def run(words: list[str], cwd: Path, env: dict | None = None) -> subprocess.Comp
     return subprocess.run(
         [*program, *words[1:]], cwd=cwd, capture_output=True, text=True, env=full_env, timeout=600
     )
-
-
-def run_in_one_interpreter(lines: list[list[str]], cwd: Path) -> list[dict]:
-    """Run command lines of train.py and the ddpm-* commands through their entry points, one
-    after another in one interpreter (tests/run_commands.py): each one's exit status, output and
-    seconds. Start-up (about 7 s, most of it importing Lightning) is paid once."""
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "run_commands.py"), json.dumps(lines)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "WANDB_MODE": "", "HYDRA_FULL_ERROR": "0"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.splitlines()[-1])
 
 
 def only(paths: list[Path]) -> Path:

@@ -106,14 +106,24 @@ class SampleGrid(pl.Callback):
         if self.score and "fid" in data.scores:
             self._log_score(pl_module, samples)
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The score's feature network, ready before validation (which runs without autograd,
+        so a classifier could not be trained there); the training's random state is left as it
+        was, so that a run with a score draws what one without draws."""
+        if self.score and trainer.is_global_zero and "fid" in trainer.datamodule.scores:
+            from ddpm.metrics import score_features
+
+            with torch.random.fork_rng(devices=[]):
+                self._features, _ = score_features(
+                    trainer.datamodule, "auto", None, self.cache_dir
+                )
+
     def _log_score(self, pl_module: pl.LightningModule, samples: torch.Tensor) -> None:
-        from ddpm.metrics import fid_kid, held_out_images, score_features
+        from ddpm.metrics import fid_kid, held_out_images
 
         data = pl_module.trainer.datamodule
         if self._features is None:
-            self._features, _ = score_features(data, "auto", None, self.cache_dir)
-        if self._features is None:
-            return  # said why, once
+            return  # score_features said why, once
         device = samples.device
         scores = fid_kid(
             samples, data.train_data, held_out_images(data, "train"),

@@ -65,11 +65,8 @@ def collect(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
     if len(jobs) == 1:
         swept = [k for k in keys if k not in ckpt_keys]
     records = [read_run_results(job) or {} for job in jobs]
-    shown = [
-        key
-        for key in dict.fromkeys(k for r in records for k in r.get("metrics", {}))
-        if key.startswith(TABLE_METRICS)
-    ]
+    logged = dict.fromkeys(k for r in records for k in r.get("metrics", {}))
+    shown = [k for prefix in TABLE_METRICS for k in logged if k.startswith(prefix)]
     rows = []
     for job, chosen, record in zip(jobs, overrides, records, strict=True):
         metrics = record.get("metrics", {})
@@ -78,6 +75,7 @@ def collect(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
         row["steps"] = record.get("step")
         row["wall_seconds"] = record.get("wall_seconds")
         row["status"] = "finished" if record else "unfinished"
+        row["job"] = job.name.split("_")[0]
         row["run"] = job.name
         rows.append(row)
     return rows, swept
@@ -92,8 +90,9 @@ def _shown(value: Any) -> str:
 
 
 def write_table(sweep_dir: str | Path, rows: list[dict[str, Any]], swept: list[str]) -> None:
-    """results.csv (every column), results.md (the columns some job has a value in) and
-    results.png (each metric against each swept key) in the sweep folder."""
+    """results.csv (every column), results.md (the columns some job has a value in, the job's
+    number for its folder) and results.png (each metric against each swept key) in the sweep
+    folder."""
     from PIL import Image
 
     from ddpm.figures import results_figure
@@ -104,14 +103,12 @@ def write_table(sweep_dir: str | Path, rows: list[dict[str, Any]], swept: list[s
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows({k: _shown(v) for k, v in row.items()} for row in rows)
-    shown = [c for c in columns if any(row[c] not in (None, "") for row in rows)]
+    shown = [c for c in columns if c != "run" and any(row[c] not in (None, "") for row in rows)]
     lines = [
         "| " + " | ".join(shown) + " |",
         "|" + "---|" * len(shown),
         *("| " + " | ".join(_shown(row[c]) for c in shown) + " |" for row in rows),
     ]
     (sweep_dir / "results.md").write_text("\n".join(lines) + "\n")
-    metrics = [
-        c for c in shown if c.startswith(TABLE_METRICS) and c.rsplit("/", 1)[-1] in PLOTTED
-    ]
+    metrics = [c for c in shown if c.startswith(TABLE_METRICS) and c.rsplit("/", 1)[-1] in PLOTTED]
     Image.fromarray(results_figure(rows, swept, metrics)).save(sweep_dir / "results.png")

@@ -25,7 +25,14 @@ from ddpm.data.base import SPLITS
 from ddpm.distributed import world
 from ddpm.figures import bpd_terms_figure
 from ddpm.loggers import flatten_numbers, log_results
-from ddpm.metrics import bound_bpd, fid_kid, held_out_images, point_distances, score_features
+from ddpm.metrics import (
+    FEATURES,
+    bound_bpd,
+    fid_kid,
+    held_out_images,
+    point_distances,
+    score_features,
+)
 from ddpm.sampling import check_sampling, generate
 
 
@@ -55,6 +62,7 @@ def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         fid_wanted = "fid" in datamodule.scores and cfg.fid.enabled
         if fid_wanted:
             check_split(cfg.fid.reference_split, "fid.reference_split")
+            check_choice("fid.features", cfg.fid.features, FEATURES)
         num_samples = (cfg.fid.num_samples or 1) if fid_wanted else len(data)
         check_sampling(
             trained.diffusion, num_samples, cfg.batch_size, cfg.sampler, cfg.steps, cfg.eta

@@ -194,6 +194,18 @@ def _without_nulls(node: Any) -> Any:
     return node
 
 
+def _compose_eval() -> DictConfig:
+    """conf/eval.yaml composed as `ddpm-eval logger=none` would (inside this Hydra app, or on its
+    own when train() is called from Python)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose("eval", overrides=["logger=none"])
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("eval", overrides=["logger=none"])
+
+
 def eval_config(cfg: DictConfig) -> dict[str, DictConfig] | None:
     """With `eval_after_fit`: conf/eval.yaml with the `eval` keys that are not null over it and
     the run's own last.ckpt (under the name ""), and one such config per `eval.variants` entry
@@ -201,14 +213,12 @@ def eval_config(cfg: DictConfig) -> dict[str, DictConfig] | None:
     training."""
     if not cfg.get("eval_after_fit"):
         return None
-    from hydra import compose
-
     asked = _without_nulls(OmegaConf.to_container(cfg.get("eval") or {}, resolve=True))
     variants = {"": {}, **(asked.pop("variants", None) or {})}
     trained_variance = cfg.diffusion.variance
     configs = {}
     for name, keys in variants.items():
-        evaluation = compose("eval", overrides=["logger=none"])
+        evaluation = _compose_eval()
         key_prefix = f"eval.variants.{name}." if name else "eval."
         try:
             evaluation.merge_with(asked, keys or {})

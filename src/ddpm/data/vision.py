@@ -73,9 +73,7 @@ class TorchvisionDataModule(ImageDataModule):
             for train in (True, False):
                 self._read(train, download=True)
 
-    def _read(
-        self, train: bool, download: bool = False, labels: bool = False
-    ) -> torch.Tensor:
+    def _read(self, train: bool, download: bool = False, labels: bool = False) -> torch.Tensor:
         """One torchvision split as uint8 [N, C, H, W] (with `labels`: its int64 labels [N])."""
         try:
             dataset = self.dataset_class(str(self.root), train=train, download=download)
