@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import ddpm.cli.common  # noqa: F401 - registers the resolvers the configs use
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+README = (ROOT / "README.md").read_text()
 
 # Few steps and a short chain (conf/experiment/smoke.yaml): every piece in seconds.
 FAST = ["experiment=smoke"]
@@ -91,3 +93,20 @@ def run_in_one_interpreter(lines: list[list[str]], cwd: Path) -> list[dict]:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.splitlines()[-1])
+
+
+def section(title: str) -> str:
+    start = README.index(f"\n## {title}\n")
+    end = README.find("\n## ", start + 1)
+    return README[start : end if end > 0 else None]
+
+
+def commands(title: str) -> list[str]:
+    """The commands in a section's bash blocks, without their comments (`CK=...` is kept)."""
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", section(title), flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                found.append(re.sub(r"\s+", " ", line))
+    return found

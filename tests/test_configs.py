@@ -167,6 +167,25 @@ def test_experiments_build(compose_cfg, fake_data: Path, experiment: str) -> Non
     assert tuple(run.module.backbone.data_shape) == run.datamodule.data_shape
 
 
+TABLE_2 = {  # DDPM's Table 2 rows (and Improved DDPM's choice): prediction, variance, loss
+    "eps_simple": ("eps", "beta", "simple"),
+    "eps_vlb_fixed": ("eps", "beta", "vlb"),
+    "eps_vlb_learned": ("eps", "learned", "vlb"),
+    "mean_mse": ("mean", "beta", "simple"),
+    "mean_vlb_fixed": ("mean", "beta", "vlb"),
+    "mean_vlb_learned": ("mean", "learned", "vlb"),
+    "learned_range_hybrid": ("eps", "learned_range", "hybrid"),
+}
+
+
+@pytest.mark.parametrize("objective", options("objective"))
+def test_objectives_set_prediction_variance_and_loss(compose_cfg, objective: str) -> None:
+    assert sorted(TABLE_2) == options("objective")
+    run = build(compose_cfg([f"objective={objective}", "logger=none"]))
+    diffusion = run.module.diffusion
+    assert (diffusion.prediction, diffusion.variance, diffusion.loss) == TABLE_2[objective]
+
+
 def test_ddpm_cifar10_is_the_papers_run(compose_cfg) -> None:
     """Ho et al. (2020), sec. 4 and appendix B, constant by constant."""
     cfg = compose_cfg(["experiment=ddpm_cifar10"])

@@ -22,9 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_in_one_interpreter
-
-README = (ROOT / "README.md").read_text()
+from conftest import ROOT, commands, run_in_one_interpreter, section
 
 # Appended to (or replacing the value of) a README command's own keys: minutes become seconds.
 SHORT = ["timesteps=50", "trainer.max_steps=12", "callbacks.samples.num_samples=4"]
@@ -68,23 +66,6 @@ EXTRA = {
     ],
     "ddpm-eval ckpt_path=$CK": ["max_examples=20"],
 }
-
-
-def section(title: str) -> str:
-    start = README.index(f"\n## {title}\n")
-    end = README.find("\n## ", start + 1)
-    return README[start : end if end > 0 else None]
-
-
-def commands(title: str) -> list[str]:
-    """The commands in a section's bash blocks, without their comments (`CK=...` is kept)."""
-    found = []
-    for block in re.findall(r"```bash\n(.*?)```", section(title), flags=re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = re.sub(r"\s+#.*$", "", line).strip()
-            if line and not line.startswith("#"):
-                found.append(re.sub(r"\s+", " ", line))
-    return found
 
 
 def troubleshooting_rows() -> list[tuple[str, str]]:
@@ -279,6 +260,10 @@ def test_sample_and_evaluate(ckpt: Path, workdir: Path, tmp_path: Path) -> None:
             for name in ("metrics.json", "bpd_terms.csv", "bpd_terms.png"):
                 assert (folder / name).is_file(), (command, name)
             assert "bpd" in output and "clip_denoised" in (folder / "metrics.json").read_text()
+            # the digits' sample score: the classifier's features, 360 samples, beside the floor
+            fid = json.loads((folder / "metrics.json").read_text())["fid"]
+            assert fid["features"] == "classifier" and fid["num_samples"] == 360
+            assert 0 < fid["fid_floor"] < fid["fid"], fid
 
 
 def message_pattern(message: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,23 +17,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_in_one_interpreter
+from conftest import ROOT, commands, run_in_one_interpreter
 from scipy import linalg
 
 from ddpm.classifier import classifier_for
 from ddpm.data.digits import DigitsDataModule
 from ddpm.metrics import fid_kid, held_out_images
 
-SWEEP = [
-    "-m",
+SECTION = "Sweeps, results tables and the paper's claims"
+# The section's sweep command is run with these overrides, which shorten it (and put a job's
+# checkpoints close together, so that one can be killed between them).
+SHORT = [
     "experiment=smoke",
-    "schedule=linear,cosine",
-    "variance=beta,tilde_beta",
     "trainer.max_steps=30",
     "trainer.val_check_interval=15",
     "callbacks.periodic_checkpoint.every_n_train_steps=5",
-    "callbacks.samples.score=true",
-    "eval_after_fit=true",
     "eval.max_examples=8",
     "eval.fid.num_samples=40",
 ]
@@ -47,13 +46,22 @@ def last_logged(job: Path, key: str) -> float:
     return float([r[key] for r in rows if r.get(key)][-1])
 
 
+def test_the_section_lists_the_sweep_and_every_study() -> None:
+    listed = commands(SECTION)
+    assert listed[0].startswith("python train.py -m schedule=linear,cosine")
+    assert listed[1:] == [f"python train.py -m experiment=study_{name}" for name in STUDIES]
+
+
 def test_a_sweep_ends_in_a_table_and_a_rerun_continues_it(tmp_path: Path) -> None:
-    """`python train.py -m ...` as a user runs it: killed (SIGKILL) while its second job trains,
-    then run again with the same hydra.sweep.dir: the finished job is not trained again, the
-    killed one resumes from its last.ckpt, the others run, and the table has one row per job with
-    the job's choices and the values its own logs hold."""
+    """The README's sweep (eval after fit, the sample score on), as a user runs it, shortened:
+    killed (SIGKILL) while its second job trains, then run again with the same hydra.sweep.dir:
+    the finished job is not trained again, the killed one resumes from its last.ckpt, the others
+    run, and the table has one row per job with the job's choices and the values its own logs
+    and evaluation hold."""
     sweep = tmp_path / "sweep"
-    args = [*SWEEP, f"hydra.sweep.dir={sweep}", f"paths.data_dir={tmp_path / 'data'}"]
+    words = shlex.split(commands(SECTION)[0])[2:]
+    words = [w for w in words if not w.startswith("hydra.sweep.dir=")]
+    args = [*words, *SHORT, f"hydra.sweep.dir={sweep}", f"paths.data_dir={tmp_path / 'data'}"]
     env = {**os.environ, "WANDB_MODE": "", "HYDRA_FULL_ERROR": "0"}
     command = [sys.executable, str(ROOT / "train.py"), *args]
     first = subprocess.Popen(
@@ -73,6 +81,8 @@ def test_a_sweep_ends_in_a_table_and_a_rerun_continues_it(tmp_path: Path) -> Non
     assert (finished / "results.json").is_file()
     assert not (job_folder(sweep, 1) / "results.json").exists()  # killed mid-run
     kept = (finished / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    so_far = list(csv.DictReader((sweep / "results.csv").open()))  # written after each job
+    assert [r["status"] for r in so_far][:1] == ["finished"] and so_far[0]["run"] == finished.name
 
     second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]

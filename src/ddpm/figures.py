@@ -153,39 +153,44 @@ def gaussianity_figure(rows: list[dict]) -> np.ndarray:
 
 
 def results_figure(rows: list[dict], swept: list[str], metrics: list[str]) -> np.ndarray:
-    """A sweep's results: one panel per metric (rows) and swept key (columns), each job a point
-    at its value of the key, coloured by the rest of its choices; a dashed line through the
-    floor (`<metric>_floor`) when the jobs report one."""
+    """A sweep's results: one panel per kind of metric (loss, bpd, fid, ...: rows) and swept key
+    (columns). In a panel each metric of that kind (e.g. test/beta/fid and test/tilde_beta/fid)
+    and each choice of the other swept keys is a line over the key's values, its floor
+    (`<metric>_floor`, when the jobs report one) dashed in the same colour."""
     plt = _pyplot()
     metrics, keys = metrics or ["steps"], swept or ["run"]
+    kinds = list(dict.fromkeys(m.rsplit("/", 1)[-1] for m in metrics))
     fig, axes = plt.subplots(
-        len(metrics), len(keys), figsize=(3.6 * len(keys), 2.8 * len(metrics)), dpi=100,
+        len(kinds), len(keys), figsize=(4.2 * len(keys), 3.0 * len(kinds)), dpi=100,
         squeeze=False,
     )  # fmt: skip
-    for i, metric in enumerate(metrics):
+    for i, kind in enumerate(kinds):
         for j, key in enumerate(keys):
             ax = axes[i, j]
             values = list(dict.fromkeys(str(row[key]) for row in rows))
             others = [k for k in keys if k != key]
             groups = list(dict.fromkeys(tuple(str(row[k]) for k in others) for row in rows))
-            for group in groups:
-                points = [
-                    (values.index(str(row[key])), row[metric])
-                    for row in rows
-                    if tuple(str(row[k]) for k in others) == group and row[metric] is not None
-                ]
-                label = ", ".join(f"{k}={v}" for k, v in zip(others, group, strict=True))
-                if points:
-                    x, y = zip(*points, strict=True)
-                    ax.plot(x, y, "o-", ms=4, label=label or None)
-            floors = [row.get(f"{metric}_floor") for row in rows]
-            floors = [f for f in floors if f is not None]
-            if floors:
-                ax.axhline(float(np.mean(floors)), ls="--", color="0.5", label="floor")
+            for metric in [m for m in metrics if m.rsplit("/", 1)[-1] == kind]:
+                for group in groups:
+                    mine = [r for r in rows if tuple(str(r[k]) for k in others) == group]
+                    chosen = (f"{k}={v}" for k, v in zip(others, group, strict=True))
+                    label = ", ".join([metric, *chosen])
+                    line = None
+                    for name, style in ((metric, "o-"), (f"{metric}_floor", "--")):
+                        points = [
+                            (values.index(str(r[key])), r[name])
+                            for r in mine
+                            if r.get(name) is not None
+                        ]
+                        if points:
+                            x, y = zip(*points, strict=True)
+                            color = line[0].get_color() if line else None
+                            drawn = ax.plot(x, y, style, ms=4, color=color,
+                                            label=label if line is None else "floor")  # fmt: skip
+                            line = line or drawn
             ax.set_xticks(range(len(values)), values, rotation=20, fontsize=8)
-            ax.set(xlabel=key, ylabel=metric)
-            if i == 0 and j == 0 and (len(groups) > 1 or floors):
-                ax.legend(fontsize=7)
+            ax.set(xlabel=key, ylabel=kind)
+            ax.legend(fontsize=6)
     fig.tight_layout()
     return _to_array(fig)
 

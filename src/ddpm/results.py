@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +31,19 @@ def config_digest(run_config: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def write_run_results(output_dir: str | Path, record: dict[str, Any]) -> None:
-    """results.json of one run, written through a temporary file so a kill leaves none or all."""
-    path = Path(output_dir) / RESULTS_FILE
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write through a temporary file and a rename, so that a kill, or another job of the sweep
+    writing the same table, leaves a whole file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(record, indent=2, default=float) + "\n")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(data)
     temporary.replace(path)
+
+
+def write_run_results(output_dir: str | Path, record: dict[str, Any]) -> None:
+    """results.json of one run (written atomically)."""
+    text = json.dumps(record, indent=2, default=float) + "\n"
+    _write_atomically(Path(output_dir) / RESULTS_FILE, text.encode())
 
 
 def read_run_results(output_dir: str | Path) -> dict[str, Any] | None:
@@ -99,16 +107,19 @@ def write_table(sweep_dir: str | Path, rows: list[dict[str, Any]], swept: list[s
 
     sweep_dir = Path(sweep_dir)
     columns = list(rows[0]) if rows else []
-    with (sweep_dir / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({k: _shown(v) for k, v in row.items()} for row in rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: _shown(v) for k, v in row.items()} for row in rows)
+    _write_atomically(sweep_dir / "results.csv", text.getvalue().encode())
     shown = [c for c in columns if c != "run" and any(row[c] not in (None, "") for row in rows)]
     lines = [
         "| " + " | ".join(shown) + " |",
         "|" + "---|" * len(shown),
         *("| " + " | ".join(_shown(row[c]) for c in shown) + " |" for row in rows),
     ]
-    (sweep_dir / "results.md").write_text("\n".join(lines) + "\n")
+    _write_atomically(sweep_dir / "results.md", ("\n".join(lines) + "\n").encode())
     metrics = [c for c in shown if c.startswith(TABLE_METRICS) and c.rsplit("/", 1)[-1] in PLOTTED]
-    Image.fromarray(results_figure(rows, swept, metrics)).save(sweep_dir / "results.png")
+    png = io.BytesIO()
+    Image.fromarray(results_figure(rows, swept, metrics)).save(png, format="png")
+    _write_atomically(sweep_dir / "results.png", png.getvalue())

@@ -110,19 +110,33 @@ class CheckOutputFolder(Callback):
 
 
 class ResultsTable(Callback):
-    """A Hydra callback: at the end of a multirun (local, Optuna or SLURM alike), one row per job
-    of the sweep folder from its results.json, written as results.csv, results.md and
-    results.png beside the jobs."""
+    """A Hydra callback: in a multirun (local, Optuna or SLURM alike), one row per job of the
+    sweep folder from its results.json, written as results.csv, results.md and results.png
+    beside the jobs after every job (so a long sweep shows its progress, and a sweep that a
+    failed job ends still has its table) and at the end."""
+
+    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        from hydra.types import RunMode
+
+        if config.hydra.mode == RunMode.MULTIRUN:
+            self.write(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = self.write(Path(config.hydra.sweep.dir))
+        if rows:
+            logging.getLogger(__name__).info(
+                f"results of {rows} job(s): {Path(config.hydra.sweep.dir) / 'results.md'}"
+            )
+
+    @staticmethod
+    def write(sweep_dir: Path) -> int:
+        """Write the table when some job finished (not for sweeps of other commands); the
+        number of rows."""
         rows, swept = collect(sweep_dir)
         if not any(row["status"] == "finished" for row in rows):
-            return  # not a training sweep, or nothing finished
+            return 0
         write_table(sweep_dir, rows, swept)
-        logging.getLogger(__name__).info(
-            f"results of {len(rows)} job(s): {sweep_dir / 'results.md'}"
-        )
+        return len(rows)
 
 
 @contextmanager
