@@ -4,7 +4,6 @@ run and write their tables."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import csv
 import json
 import os
@@ -246,15 +245,8 @@ def test_every_study_preset_runs_and_writes_its_table(tmp_path: Path) -> None:
         name: ["train.py", "-m", f"experiment=study_{name}", *extra, *short]
         for name, (extra, *_) in STUDIES.items()
     }
-    # two interpreters side by side, each running every other study (one process leaves the
-    # second core mostly idle on these small networks)
-    shares = [list(STUDIES)[::2], list(STUDIES)[1::2]]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        outcomes = pool.map(
-            lambda share: run_in_one_interpreter([lines[n] for n in share], tmp_path), shares
-        )
-        results = {n: r for share, out in zip(shares, outcomes, strict=True)
-                   for n, r in zip(share, out, strict=True)}  # fmt: skip
+    outcomes = run_in_one_interpreter(list(lines.values()), tmp_path)
+    results = dict(zip(lines, outcomes, strict=True))
     for name, (_, key, values, column) in STUDIES.items():
         result = results[name]
         assert result["code"] == 0, (name, result["stderr"][-3000:])
