@@ -216,6 +216,7 @@ def eval_config(cfg: DictConfig) -> dict[str, DictConfig] | None:
     asked = _without_nulls(OmegaConf.to_container(cfg.get("eval") or {}, resolve=True))
     variants = {"": {}, **(asked.pop("variants", None) or {})}
     trained_variance = cfg.diffusion.variance
+    diffusion = instantiate(cfg.diffusion)
     configs = {}
     for name, keys in variants.items():
         evaluation = _compose_eval()
@@ -240,8 +241,8 @@ def eval_config(cfg: DictConfig) -> dict[str, DictConfig] | None:
         try:
             check_split(evaluation.split)
             check_sampling(
-                instantiate(cfg.diffusion), 1, evaluation.batch_size, evaluation.sampler,
-                evaluation.steps, evaluation.eta,
+                diffusion, 1, evaluation.batch_size, evaluation.sampler, evaluation.steps,
+                evaluation.eta,
             )  # fmt: skip
         except ValueError as error:  # its message starts with the key
             raise ValueError(f"{key_prefix}{error}") from error
