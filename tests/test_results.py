@@ -245,12 +245,20 @@ def test_every_study_preset_runs_and_writes_its_table(tmp_path: Path) -> None:
         name: ["train.py", "-m", f"experiment=study_{name}", *extra, *short]
         for name, (extra, *_) in STUDIES.items()
     }
+    # The tuning sweep as it runs, with its timer stopping training (no max_steps), one lr.
+    lines["tune_digits"] = [
+        "train.py", "-m", "experiment=tune_digits", "model.optimizer.lr=1e-3",
+        "callbacks.timer.duration=00:00:00:03", "timesteps=50", *short[2:],
+    ]  # fmt: skip
     outcomes = run_in_one_interpreter(list(lines.values()), tmp_path)
     results = dict(zip(lines, outcomes, strict=True))
-    for name, (_, key, values, column) in STUDIES.items():
+    tune = (None, "backbone.base_channels", ["16", "32"], "test/fid")
+    for name, (_, key, values, column) in [*STUDIES.items(), ("tune_digits", tune)]:
         result = results[name]
         assert result["code"] == 0, (name, result["stderr"][-3000:])
         rows = list(csv.DictReader((tmp_path / "studies" / name / "results.csv").open()))
         assert [row[key] for row in rows] == values, name
         assert all(row["status"] == "finished" and row[column] for row in rows), (name, rows)
         assert (tmp_path / "studies" / name / "results.png").is_file()
+    tuned = list(csv.DictReader((tmp_path / "studies" / "tune_digits" / "results.csv").open()))
+    assert all(int(row["steps"]) > 0 for row in tuned), tuned  # the timer, not max_steps
