@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from ddpm.checkpoint import Trained, load_trained
 from ddpm.classifier import classifier_for
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.figures import _pyplot
 from ddpm.metrics import bound_bpd, fid_kid, held_out_images
 from ddpm.sampling import generate
 from ddpm.schedules import make_beta_schedule
@@ -163,11 +164,7 @@ def score(
 
 def side_by_side(datamodule: Any, panels: list[tuple[torch.Tensor, str]], path: Path) -> None:
     """The first 64 samples of each contender, titled, in one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5.4))
     for ax, (samples, title) in zip(axes, panels, strict=True):
         ax.imshow(datamodule.show(samples[:64]))

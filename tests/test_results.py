@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, commands, run_in_one_interpreter
+from omegaconf import OmegaConf
 from scipy import linalg
 
 from ddpm.classifier import classifier_for
@@ -262,3 +263,7 @@ def test_every_study_preset_runs_and_writes_its_table(tmp_path: Path) -> None:
         assert (tmp_path / "studies" / name / "results.png").is_file()
     tuned = list(csv.DictReader((tmp_path / "studies" / "tune_digits" / "results.csv").open()))
     assert all(int(row["steps"]) > 0 for row in tuned), tuned  # the timer, not max_steps
+    for row in tuned:  # each job ran without a step limit, so its timer is what stopped it
+        job = tmp_path / "studies" / "tune_digits" / row["run"]
+        config = OmegaConf.load(job / ".hydra" / "config.yaml")
+        assert config.trainer.max_steps == -1 and config.trainer.max_epochs == -1, row["run"]

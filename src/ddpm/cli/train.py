@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -57,6 +58,12 @@ def _check_config(cfg: DictConfig) -> None:
     decay = OmegaConf.select(cfg, "callbacks.ema.decay")
     if decay is not None and not (isinstance(decay, (int, float)) and 0.0 <= decay <= 1.0):
         raise ValueError(f"callbacks.ema.decay={decay!r} is invalid: it must lie in [0, 1].")
+    duration = OmegaConf.select(cfg, "callbacks.timer.duration")
+    if duration is not None and not re.fullmatch(r"\d+:\d\d:\d\d:\d\d", str(duration)):
+        raise ValueError(
+            f"callbacks.timer.duration={duration!r} is invalid: it must be a time DD:HH:MM:SS "
+            "(e.g. 00:00:04:00 for 4 minutes of training) or null."
+        )
 
 
 def _check_output_channels(backbone: torch.nn.Module, diffusion: Any, shape: tuple) -> None:
