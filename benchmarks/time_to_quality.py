@@ -229,6 +229,7 @@ def main() -> None:
         "run_dir": str(run_dir),
         "rows": rows,
         "fid_ratio_ours_over_plain": ours_row["fid"] / plain_row["fid"],
+        "time_ratio_ours_over_plain": ours_row["train_seconds"] / plain_row["train_seconds"],
     }
     keys = [
         "train_seconds", "steps", "params", "fid", "fid_floor", "kid_mean", "kid_floor_mean",
@@ -240,7 +241,8 @@ def main() -> None:
     print(
         f"FID ours / plain: {report['fid_ratio_ours_over_plain']:.3f} (below 1: ours closer to "
         f"the data; floor FID {ours_row['fid_floor']:.3f} with {ours_row['num_floor']} real "
-        "digits; KID is unbiased, so it can be negative near 0)"
+        "digits; KID is unbiased, so it can be negative near 0); wall time ours / plain: "
+        f"{report['time_ratio_ours_over_plain']:.3f}"
     )
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")

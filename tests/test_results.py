@@ -246,22 +246,33 @@ def test_every_study_preset_runs_and_writes_its_table(tmp_path: Path) -> None:
         name: ["train.py", "-m", f"experiment=study_{name}", *extra, *short]
         for name, (extra, *_) in STUDIES.items()
     }
-    # The tuning sweep as it runs, with its timer stopping training (no max_steps), one lr.
+    # The tuning sweep as it runs, with its timer stopping training (no max_steps), one lr;
+    # then its second stage, a sweep over other keys into the same folder and table.
+    tune = ["callbacks.timer.duration=00:00:00:03", "timesteps=50", *short[2:]]
     lines["tune_digits"] = [
+        "train.py", "-m", "experiment=tune_digits", "model.optimizer.lr=1e-3", *tune
+    ]  # fmt: skip
+    lines["tune_digits stage 2"] = [
         "train.py", "-m", "experiment=tune_digits", "model.optimizer.lr=1e-3",
-        "callbacks.timer.duration=00:00:00:03", "timesteps=50", *short[2:],
+        "backbone.base_channels=16", "loss.weighting=min_snr", "schedule=cosine", *tune,
     ]  # fmt: skip
     outcomes = run_in_one_interpreter(list(lines.values()), tmp_path)
     results = dict(zip(lines, outcomes, strict=True))
-    tune = (None, "backbone.base_channels", ["16", "32"], "test/fid")
-    for name, (_, key, values, column) in [*STUDIES.items(), ("tune_digits", tune)]:
-        result = results[name]
+    for name, result in results.items():
         assert result["code"] == 0, (name, result["stderr"][-3000:])
+    for name, (_, key, values, column) in STUDIES.items():
         rows = list(csv.DictReader((tmp_path / "studies" / name / "results.csv").open()))
         assert [row[key] for row in rows] == values, name
         assert all(row["status"] == "finished" and row[column] for row in rows), (name, rows)
         assert (tmp_path / "studies" / name / "results.png").is_file()
     tuned = list(csv.DictReader((tmp_path / "studies" / "tune_digits" / "results.csv").open()))
+    # The first stage's jobs did not override the second's keys: they show what they ran with
+    # (the schedule group's choice, and loss.weighting from the config).
+    keys = ("backbone.base_channels", "schedule", "loss.weighting")
+    assert sorted(tuple(row[k] for k in keys) for row in tuned) == [
+        ("16", "cosine", "min_snr"), ("16", "linear", "none"), ("32", "linear", "none")
+    ], tuned  # fmt: skip
+    assert all(row["status"] == "finished" and row["test/fid"] for row in tuned), tuned
     assert all(int(row["steps"]) > 0 for row in tuned), tuned  # the timer, not max_steps
     for row in tuned:  # each job ran without a step limit, so its timer is what stopped it
         job = tmp_path / "studies" / "tune_digits" / row["run"]

@@ -61,13 +61,28 @@ def _job_overrides(job_dir: Path) -> dict[str, str]:
     return dict(pair.lstrip("+~").split("=", 1) for pair in pairs if "=" in pair)
 
 
+def _job_setting(job_dir: Path, key: str) -> str:
+    """What a job ran with for a key it did not override: its choice for a config group
+    (`schedule`), else the value in its saved config; "" when it has neither."""
+    choices = OmegaConf.load(job_dir / ".hydra" / "hydra.yaml").hydra.runtime.choices
+    if key in choices:
+        return str(choices[key])
+    config = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
+    value = OmegaConf.select(config, key, default=None, throw_on_resolution_failure=False)
+    return "" if value is None or OmegaConf.is_config(value) else str(value)
+
+
 def collect(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
     """One row per job folder of a sweep (those with .hydra/), ordered by job number, and the
-    swept keys: the overrides whose values differ between jobs (all of them for one job)."""
+    swept keys: the overrides whose values differ between jobs (all of them for one job). A
+    job run by another command into the same folder, without one of those overrides, shows
+    the value it ran with (so that sweeps run one after another make one table)."""
     jobs = [p.parent.parent for p in Path(sweep_dir).glob("*/.hydra/overrides.yaml")]
     jobs.sort(key=lambda p: (int(p.name.split("_")[0]) if p.name[0].isdigit() else 1e9, p.name))
     overrides = [_job_overrides(job) for job in jobs]
     keys = list(dict.fromkeys(k for o in overrides for k in o))
+    for job, chosen in zip(jobs, overrides, strict=True):
+        chosen.update({k: _job_setting(job, k) for k in keys if k not in chosen})
     ckpt_keys = {"ckpt_path", "hydra.sweep.dir"}
     swept = [k for k in keys if k not in ckpt_keys and len({o.get(k) for o in overrides}) > 1]
     if len(jobs) == 1:
