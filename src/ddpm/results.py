@@ -61,15 +61,18 @@ def _job_overrides(job_dir: Path) -> dict[str, str]:
     return dict(pair.lstrip("+~").split("=", 1) for pair in pairs if "=" in pair)
 
 
-def _job_setting(job_dir: Path, key: str) -> str:
-    """What a job ran with for a key it did not override: its choice for a config group
+def _job_settings(job_dir: Path, keys: list[str]) -> dict[str, str]:
+    """What a job ran with for keys it did not override: its choice for a config group
     (`schedule`), else the value in its saved config; "" when it has neither."""
     choices = OmegaConf.load(job_dir / ".hydra" / "hydra.yaml").hydra.runtime.choices
-    if key in choices:
-        return str(choices[key])
     config = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
-    value = OmegaConf.select(config, key, default=None, throw_on_resolution_failure=False)
-    return "" if value is None or OmegaConf.is_config(value) else str(value)
+    settings = {}
+    for key in keys:
+        value = choices[key] if key in choices else OmegaConf.select(
+            config, key, default=None, throw_on_resolution_failure=False
+        )
+        settings[key] = "" if value is None or OmegaConf.is_config(value) else str(value)
+    return settings
 
 
 def collect(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -82,7 +85,9 @@ def collect(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
     overrides = [_job_overrides(job) for job in jobs]
     keys = list(dict.fromkeys(k for o in overrides for k in o))
     for job, chosen in zip(jobs, overrides, strict=True):
-        chosen.update({k: _job_setting(job, k) for k in keys if k not in chosen})
+        missing = [k for k in keys if k not in chosen]
+        if missing:
+            chosen.update(_job_settings(job, missing))
     ckpt_keys = {"ckpt_path", "hydra.sweep.dir"}
     swept = [k for k in keys if k not in ckpt_keys and len({o.get(k) for o in overrides}) > 1]
     if len(jobs) == 1:
