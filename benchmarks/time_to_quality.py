@@ -7,20 +7,24 @@ diffusers' `UNet2DModel` given the same wall-clock time, on this machine, in one
 2. plain    in this process, diffusers' UNet2DModel (0.70M parameters: block_out_channels
             (32, 64), one layer per block, attention at 4x4), Adam lr 1e-3, batch 128, an EMA of
             decay 0.995, T = 1000 linear, L_simple, trained on the same training split for as
-            many seconds as ours took in all (its own imports and set-up not counted), or
-            `--plain-seconds`.
+            many seconds as ours took in all (its own imports and set-up not counted); with
+            `--plain-factors 1 1.43`, one plain loop for each multiple of ours' time
+            (`--plain-seconds`: for each of these times).
 3. scored   alike for both: `--samples` ancestral samples (ours: `ddpm.sampling.generate` from
             last.ckpt's EMA weights; plain: diffusers' DDPMScheduler loop, as DDPMPipeline runs it),
             FID and KID in the digit classifier's features (`ddpm.metrics.fid_kid`) against the
-            training split, with their floor (the held-out real digits against it), and the test
+            training split, the FID's spread over resamplings of the samples (bootstrap), with
+            their floor (the held-out real digits against it), and the test
             bits/dim of the full bound (`ddpm.metrics.bound_bpd`) with sigma_t^2 = beta_t and
             beta_tilde_t (the same network serves both).
 
     python benchmarks/time_to_quality.py --out ttq.json --grid docs/time_to_quality.png
     python benchmarks/time_to_quality.py -- model.optimizer.lr=1e-3   # overrides for train.py
+    python benchmarks/time_to_quality.py --plain-factors 1 1.43  # plain also given ours / 0.7
 
-Prints both scores, wall times, the floor and the ratios; writes the JSON and the two sample grids
-side by side. Needs diffusers (`pip install -e ".[bench]"`). About 25 minutes on 2 cores.
+Prints the scores, wall times, the floor and the ratios; writes the JSON and the sample grids
+side by side. Needs diffusers (`pip install -e ".[bench]"`). About 15 minutes on 2 cores, and
+5 more for each further plain loop.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from ddpm.schedules import make_beta_schedule
 ROOT = Path(__file__).resolve().parents[1]
 PLAIN = {"lr": 1e-3, "batch": 128, "ema_decay": 0.995, "timesteps": 1000}
 VARIANCES = ("beta", "tilde_beta")  # fixed sigma_t^2: the same network serves both
+BOOTSTRAP_DRAWS = 20
 
 
 def run_ours(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
@@ -148,6 +153,7 @@ def score(
     held_out = held_out_images(datamodule, "train")
     row: dict[str, Any] = {"name": name, "sample_seconds": round(sample_seconds, 1)}
     row.update(fid_kid(samples, reference, held_out, classifier, batch_size=500, seed=0))
+    row["fid_bootstrap_std"] = bootstrap_fid_std(samples, reference, classifier)
     test = datamodule.split("test")
     diffusion = trained.diffusion
     for variance in (diffusion.variance,) if diffusion.learned_variance else VARIANCES:
@@ -161,6 +167,31 @@ def score(
     row["bpd"] = row[f"bpd_{diffusion.variance}"]  # with the variance the sampler uses
     row["bpd_best"] = min(v for k, v in row.items() if k.startswith("bpd_") and "stderr" not in k)
     return row
+
+
+def bootstrap_fid_std(
+    samples: torch.Tensor,
+    reference: torch.Tensor,
+    classifier: torch.nn.Module,
+    draws: int = BOOTSTRAP_DRAWS,
+) -> float:
+    """The standard deviation of the FID (as `fid_kid` measures it) over `draws` resamplings of
+    the samples with replacement: how much of a difference between two contenders the draw of
+    the samples alone can make (a second sampling seed moved one model's FID from 0.29 to 0.44
+    at 1000 samples)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=classifier, reset_real_features=False)
+    generator = torch.Generator().manual_seed(0)
+    values = []
+    with torch.no_grad():
+        fid.update(reference.clamp(-1, 1), real=True)
+        for _ in range(draws):
+            fid.update(samples[torch.randint(len(samples), (len(samples),), generator=generator)]
+                       .clamp(-1, 1), real=False)  # fmt: skip
+            values.append(fid.compute().item())
+            fid.reset()  # the reference's features are kept
+    return torch.tensor(values).std().item()
 
 
 def side_by_side(datamodule: Any, panels: list[tuple[torch.Tensor, str]], path: Path) -> None:
@@ -182,8 +213,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--plain-seconds", type=float, default=None, help="the plain loop's time (default: ours')"
-    )
+        "--plain-factors", type=float, nargs="+", default=[1.0],
+        help="one plain loop for each, trained this many times ours' time (1 1.43: the same "
+        "time, and ours in 0.7 of the plain loop's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--plain-seconds", type=float, nargs="+", default=None,
+        help="the plain loops' times in seconds instead",
+    )  # fmt: skip
     parser.add_argument("--run-dir", type=Path, default=None, help="ours' run folder")
     parser.add_argument("--out", type=Path, default=None, help="JSON of the results")
     parser.add_argument("--grid", type=Path, default=None, help="PNG of both sample grids")
@@ -197,31 +234,37 @@ def main() -> None:
     datamodule = trained.datamodule
     classifier = classifier_for(datamodule, ROOT / "data", seed=0)
     train = datamodule.split("train")
-    plain = run_plain(train, args.plain_seconds or ours["seconds"], args.seed)
+    budgets = args.plain_seconds or [f * ours["seconds"] for f in args.plain_factors]
+    plains = [run_plain(train, seconds, args.seed) for seconds in budgets]
 
     started = time.perf_counter()
     ours_samples, _ = generate(trained, args.samples, 500, seed=args.seed)
     ours_row = score(
         "ours", trained, ours_samples, time.perf_counter() - started, datamodule, classifier
     )
-    started = time.perf_counter()
-    plain_samples = sample_plain(plain["net"], args.samples, 500, args.seed)
-    # DDPMScheduler's default variance_type, fixed_small, is beta_tilde_t
-    linear = GaussianDiffusion(make_beta_schedule("linear", PLAIN["timesteps"]), "tilde_beta")
-    plain_row = score(
-        "diffusers", Trained(plain["net"], linear, {}), plain_samples,
-        time.perf_counter() - started, datamodule, classifier,
-    )  # fmt: skip
     ours_row.update(
         train_seconds=round(ours["seconds"], 1), steps=ours["steps"],
         params=sum(p.numel() for p in trained.backbone.parameters()),
         variance=trained.diffusion.variance,
     )  # fmt: skip
-    plain_row.update(
-        train_seconds=round(plain["seconds"], 1), steps=plain["steps"],
-        params=sum(p.numel() for p in plain["net"].parameters()), variance=linear.variance,
-    )  # fmt: skip
-    rows = [ours_row, plain_row]
+    # DDPMScheduler's default variance_type, fixed_small, is beta_tilde_t
+    linear = GaussianDiffusion(make_beta_schedule("linear", PLAIN["timesteps"]), "tilde_beta")
+    rows, panels = [ours_row], [ours_samples]
+    for plain in plains:
+        started = time.perf_counter()
+        plain_samples = sample_plain(plain["net"], args.samples, 500, args.seed)
+        row = score(
+            "diffusers", Trained(plain["net"], linear, {}), plain_samples,
+            time.perf_counter() - started, datamodule, classifier,
+        )  # fmt: skip
+        row.update(
+            train_seconds=round(plain["seconds"], 1), steps=plain["steps"],
+            params=sum(p.numel() for p in plain["net"].parameters()), variance=linear.variance,
+            fid_ratio_ours_over_plain=ours_row["fid"] / row["fid"],
+            time_ratio_ours_over_plain=ours_row["train_seconds"] / round(plain["seconds"], 1),
+        )  # fmt: skip
+        rows.append(row)
+        panels.append(plain_samples)
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
         f"threads, torch {torch.__version__}",
@@ -229,21 +272,24 @@ def main() -> None:
         "train_overrides": args.overrides,
         "run_dir": str(run_dir),
         "rows": rows,
-        "fid_ratio_ours_over_plain": ours_row["fid"] / plain_row["fid"],
-        "time_ratio_ours_over_plain": ours_row["train_seconds"] / plain_row["train_seconds"],
     }
     keys = [
-        "train_seconds", "steps", "params", "fid", "fid_floor", "kid_mean", "kid_floor_mean",
-        "bpd", "bpd_best", "sample_seconds",
+        "train_seconds", "steps", "params", "fid", "fid_bootstrap_std", "fid_floor", "kid_mean",
+        "kid_floor_mean", "bpd", "bpd_best", "sample_seconds",
     ]  # fmt: skip
     print(f"{'':10}" + "".join(f"{k:>15}" for k in keys))
     for row in rows:
         print(f"{row['name']:10}" + "".join(f"{_fmt(row[k]):>15}" for k in keys))
+    for row in rows[1:]:
+        print(
+            f"against the plain loop given {row['train_seconds']:.0f} s: FID ours / plain "
+            f"{row['fid_ratio_ours_over_plain']:.3f} (below 1: ours closer to the data), "
+            f"bits/dim ours - plain {ours_row['bpd_best'] - row['bpd_best']:+.3f}, wall time "
+            f"ours / plain {row['time_ratio_ours_over_plain']:.3f}"
+        )
     print(
-        f"FID ours / plain: {report['fid_ratio_ours_over_plain']:.3f} (below 1: ours closer to "
-        f"the data; floor FID {ours_row['fid_floor']:.3f} with {ours_row['num_floor']} real "
-        "digits; KID is unbiased, so it can be negative near 0); wall time ours / plain: "
-        f"{report['time_ratio_ours_over_plain']:.3f}"
+        f"floor FID {ours_row['fid_floor']:.3f} with {ours_row['num_floor']} real digits; KID is "
+        "unbiased, so it can be negative near 0"
     )
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -251,9 +297,9 @@ def main() -> None:
         side_by_side(
             datamodule,
             [
-                (s, f"{r['name']}: {r['train_seconds']:.0f} s, {r['steps']} steps, "
+                (samples, f"{r['name']}: {r['train_seconds']:.0f} s, {r['steps']} steps, "
                  f"FID {r['fid']:.3f}, bpd {r['bpd']:.3f}")
-                for s, r in ((ours_samples, ours_row), (plain_samples, plain_row))
+                for samples, r in zip(panels, rows, strict=True)
             ],
             args.grid,
         )  # fmt: skip

@@ -48,6 +48,7 @@ TRAIN = [
     (["callbacks.ema.decay=1.5"], r"callbacks.ema.decay=1.5 is invalid: it must lie in \[0, 1\]"),
     (["callbacks.samples.num_samples=0"], r"callbacks.samples.num_samples=0 is invalid"),
     (["matmul_precision=low"], r"matmul_precision='low' is invalid: allowed are highest, high"),
+    (["channels_last=maybe"], r"channels_last='maybe' is invalid: allowed are true, false"),
     (
         ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=3"],
         r"data.batch_size=128 is the global batch and must be divisible by the 3",
@@ -88,6 +89,7 @@ SAMPLE = [
         r"prediction=v differs from the checkpoint's prediction",
     ),
     (["ckpt_path={good}", "matmul_precision=tf32"], r"matmul_precision='tf32' is invalid"),
+    (["ckpt_path={good}", "channels_last=1"], r"channels_last=1 is invalid: allowed are true"),
 ]
 
 EVAL = [

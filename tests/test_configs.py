@@ -219,6 +219,27 @@ def test_the_digits_studies_keep_the_lr_they_were_measured_at(compose_cfg) -> No
         assert compose_cfg([f"experiment={name}"]).model.optimizer.lr == 2e-4, name
 
 
+def test_channels_last_lays_out_the_backbone_and_keeps_its_function(compose_cfg) -> None:
+    """channels_last=true puts the U-Net's conv weights in NHWC order; the network
+    then computes what the same weights compute in NCHW order, and so do its gradients."""
+    nhwc = build(compose_cfg([*FAST, "logger=none", "channels_last=true"])).module.backbone
+    nchw = build(compose_cfg([*FAST, "logger=none", "channels_last=false"])).module.backbone
+    conv = nhwc.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert nchw.conv_in.weight.is_contiguous()
+    nchw.load_state_dict(nhwc.state_dict())
+    for p in nhwc.parameters():  # the zero-initialised last convs would hide a difference
+        torch.nn.init.normal_(p, std=0.1)
+    nchw.load_state_dict(nhwc.state_dict())
+    x, t = torch.randn(16, 1, 8, 8), torch.randint(0, 50, (16,))
+    out_nhwc, out_nchw = nhwc(x, t), nchw(x, t)
+    torch.testing.assert_close(out_nhwc, out_nchw, rtol=1e-4, atol=1e-5)
+    out_nhwc.square().sum().backward()
+    out_nchw.square().sum().backward()
+    for a, b in zip(nhwc.parameters(), nchw.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_short_training_run_checkpoints_and_samples(compose_cfg, tmp_path: Path) -> None:
     cfg = compose_cfg([*FAST, "logger=tensorboard"])
     run = build(cfg)

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from ddpm.backbones import compile_backbone, set_matmul_precision
+from ddpm.backbones import compile_backbone, set_channels_last, set_matmul_precision
 from ddpm.diffusion import LEARNED_VARIANCES, GaussianDiffusion
 
 ORACLE_TARGET = "ddpm.truth.Oracle"
@@ -155,6 +155,7 @@ def load_trained_for(cfg: Any) -> Trained:
             cfg.diffusion.get("prediction"),
             backbone,
         )
+    set_channels_last(trained.backbone, cfg.get("channels_last", False))
     compile_backbone(trained.backbone, cfg.get("compile"))
     return trained
 

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Timer
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException
 
-from ddpm.backbones import compile_backbone, set_matmul_precision
+from ddpm.backbones import compile_backbone, set_channels_last, set_matmul_precision
 from ddpm.callbacks import NanGuard, NonFiniteLossError
 from ddpm.checkpoint import ORACLE_TARGET, check_same_model, read_checkpoint
 from ddpm.checks import check_choice
@@ -111,6 +111,7 @@ def build(cfg: DictConfig) -> Run:
             "must match the data's."
         )
     _check_output_channels(backbone, diffusion, tuple(datamodule.data_shape))
+    set_channels_last(backbone, cfg.get("channels_last", False))
     compile_backbone(backbone, cfg.get("compile"))
     datamodule.check()  # data files present (a missing folder is one sentence, not a traceback)
     run_config = OmegaConf.to_container(cfg, resolve=True)
