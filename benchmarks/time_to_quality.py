@@ -277,9 +277,9 @@ def main() -> None:
         "train_seconds", "steps", "params", "fid", "fid_bootstrap_std", "fid_floor", "kid_mean",
         "kid_floor_mean", "bpd", "bpd_best", "sample_seconds",
     ]  # fmt: skip
-    print(f"{'':10}" + "".join(f"{k:>15}" for k in keys))
+    print(f"{'':10}" + "".join(f"{k:>18}" for k in keys))
     for row in rows:
-        print(f"{row['name']:10}" + "".join(f"{_fmt(row[k]):>15}" for k in keys))
+        print(f"{row['name']:10}" + "".join(f"{_fmt(row[k]):>18}" for k in keys))
     for row in rows[1:]:
         print(
             f"against the plain loop given {row['train_seconds']:.0f} s: FID ours / plain "

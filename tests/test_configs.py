@@ -219,6 +219,16 @@ def test_the_digits_studies_keep_the_lr_they_were_measured_at(compose_cfg) -> No
         assert compose_cfg([f"experiment={name}"]).model.optimizer.lr == 2e-4, name
 
 
+def test_only_the_digits_default_leaves_the_papers_t(compose_cfg) -> None:
+    """T = 500 was chosen for the 5-minute digits run (experiment=tune_digits stage 4); the
+    paper's presets, the studies of docs/results.md and the known-distribution presets keep
+    the T = 1000 they were measured at."""
+    assert compose_cfg([]).timesteps == compose_cfg(["experiment=digits"]).timesteps == 500
+    for name in ("ddpm_cifar10", "ddpm_cifar10_cosine", "mnist", "study_variance",
+                 "study_objective", "study_sampling", "gmm", "toy2d"):  # fmt: skip
+        assert compose_cfg([f"experiment={name}"]).timesteps == 1000, name
+
+
 def test_channels_last_lays_out_the_backbone_and_keeps_its_function(compose_cfg) -> None:
     """channels_last=true puts the U-Net's conv weights in NHWC order; the network
     then computes what the same weights compute in NCHW order, and so do its gradients."""
