@@ -1,11 +1,13 @@
 """Exact resume, the way a user meets it: `python train.py ... ckpt_path=auto` with the default
 config and callbacks (sanity check, sample grids, progress bar, every validation batch, batch
-128, so an epoch is 11 steps), shortened only by overrides. A run is killed with SIGKILL after a
-checkpoint and rerun; its per-step losses and final weights must be those of the uninterrupted
-run, to the bit (CPU). Each kind of checkpoint is covered: the periodic one (at an epoch's last
-batch), one written by validation (mid-epoch), and the end-of-training one of a finished run
-continued with a larger `trainer.max_steps`; and DDP on two CPU processes, where train/loss is
-the mean over both ranks (so each rank's random state and share of the data must come back).
+128, so an epoch is 11 steps), shortened only by overrides. A run is killed with SIGKILL right
+after a chosen checkpoint (tests/sigkill_hook: the process kills itself there, so the point is
+chosen, not raced) and rerun; its per-step losses and final weights must be those of the
+uninterrupted run, to the bit (CPU). Each kind of checkpoint is covered: the periodic one (at an
+epoch's last batch), the end-of-training one of a finished run continued with a larger
+`trainer.max_steps`, one written by validation (mid-epoch); and DDP on two CPU processes, where
+train/loss is the mean over both ranks (so each rank's random state and share of the data must
+come back).
 
 Validation, sampling and checkpointing draw nothing from the training's random state, so one
 uninterrupted run serves as the reference for every schedule of validations and checkpoints.
@@ -16,7 +18,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ STEPS = 40
 COMMON = ["timesteps=50", f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1", "seed=3"]
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 ENV = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+HOOK = str(Path(__file__).parent / "sigkill_hook")
 
 
 def train(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -42,34 +44,23 @@ def losses(run_dir: Path) -> dict[int, str]:
     return {int(r["step"]): r["train/loss"] for r in rows if r.get("train/loss")}
 
 
-def kill_after_checkpoint(run_dir: Path, at_least: int, *extra: str) -> int:
-    """Start the run, SIGKILL it (and its DDP workers) once last.ckpt has reached step
-    `at_least`, and return the step of the checkpoint it left."""
-    last = run_dir / "checkpoints" / "last.ckpt"
+def killed_after_checkpoint(run_dir: Path, step: int, *extra: str) -> int:
+    """Run `python train.py ... ckpt_path=auto`, SIGKILLed (with its DDP workers) by the hook right
+    after it writes last.ckpt at `step`; the step of the checkpoint it left."""
     command = [sys.executable, str(ROOT / "train.py"), *COMMON, f"hydra.run.dir={run_dir}"]
-    process = subprocess.Popen(  # its own process group: SIGKILL reaches the DDP workers too
-        [*command, "ckpt_path=auto", *extra],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if last.is_file() and torch.load(last, weights_only=True)["global_step"] >= at_least:
-                break
-        except (RuntimeError, EOFError, KeyError):  # caught while the file was being moved in
-            pass
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    return torch.load(last, weights_only=True)["global_step"]
+    env = {**ENV, "PYTHONPATH": HOOK, "DDPM_TEST_SIGKILL_AFTER_STEP": str(step)}
+    result = subprocess.run(  # its own process group: the kill reaches nothing else
+        [*command, "ckpt_path=auto", *extra], env=env, capture_output=True, text=True,
+        timeout=300, start_new_session=True,
+    )  # fmt: skip
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
 
 
-def assert_same_as(reference: Path, resumed: Path, from_step: int) -> None:
-    expected, got = losses(reference), losses(resumed)
+def assert_same_as(reference: Path, resumed: Path, from_step: int, logged=None) -> None:
+    """The resumed run's losses from `from_step` on (`logged`: as collected over its processes,
+    since each rerun starts a new metrics.csv) and its final weights are the reference's."""
+    expected, got = losses(reference), {**(logged or {}), **losses(resumed)}
     after = [s for s in sorted(expected) if s >= from_step]
     assert len(after) >= STEPS - from_step - 1
     print("step  uninterrupted  resumed")
@@ -94,43 +85,35 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize(
-    ("kind", "overrides", "kill_at", "expected"),
-    [
-        # last.ckpt every 11 steps: step 22 is an epoch's last batch (1437 images, batch 128)
-        ("periodic", ["callbacks.periodic_checkpoint.every_n_train_steps=11"], 22, {22, 33}),
-        # validation at steps 15 and 30, in the middle of epochs 1 and 2
-        ("validation", ["trainer.val_check_interval=15"], 15, {15, 30}),
-    ],
-)
-def test_sigkill_then_auto_resume_reproduces_the_run(
-    tmp_path: Path, uninterrupted: Path, kind, overrides, kill_at, expected
-) -> None:
-    killed = tmp_path / kind
-    resumed_from = kill_after_checkpoint(killed, kill_at, *overrides)
-    assert resumed_from in expected, resumed_from
-    result = train(killed, "ckpt_path=auto", *overrides)
-    assert "ckpt_path=auto: resuming from" in result.stdout + result.stderr
-    assert_same_as(uninterrupted, killed, resumed_from)
+@pytest.mark.slow
+def test_killed_and_continued_runs_reproduce_the_uninterrupted_one(tmp_path, uninterrupted):
+    """One run folder through every kind of checkpoint: killed after the periodic last.ckpt at
+    step 11 (an epoch's last batch), resumed to a finished run of 20 steps (validation at 15),
+    continued with trainer.max_steps=40, killed after validation's checkpoint at step 30
+    (mid-epoch), and resumed to the end."""
+    run_dir = tmp_path / "run"
+    keys = ["callbacks.periodic_checkpoint.every_n_train_steps=11", "trainer.val_check_interval=15"]
+    assert killed_after_checkpoint(run_dir, 11, *keys, "trainer.max_steps=20") == 11
+    resumed = train(run_dir, "ckpt_path=auto", *keys, "trainer.max_steps=20")
+    assert "ckpt_path=auto: resuming from" in resumed.stdout + resumed.stderr
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 20  # the finished run's end-of-training checkpoint
+    logged = losses(run_dir)
+    assert killed_after_checkpoint(run_dir, 30, *keys) == 30  # continued past 20, killed at 30
+    logged.update(losses(run_dir))
+    train(run_dir, "ckpt_path=auto", *keys)
+    assert_same_as(uninterrupted, run_dir, 11, logged)
 
 
-def test_a_finished_run_continued_equals_the_longer_run(tmp_path: Path, uninterrupted) -> None:
-    run_dir = tmp_path / "continued"
-    train(run_dir, "trainer.max_steps=20")  # ends with its own validation and checkpoint
-    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 20
-    train(run_dir, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
-    assert_same_as(uninterrupted, run_dir, 20)
-
-
+@pytest.mark.slow
 def test_ddp_sigkill_then_auto_resume_reproduces_the_run(tmp_path: Path) -> None:
     reference = tmp_path / "uninterrupted"
     train(reference, *DDP)
     killed = tmp_path / "killed"
     overrides = [*DDP, "callbacks.periodic_checkpoint.every_n_train_steps=15"]
-    resumed_from = kill_after_checkpoint(killed, 15, *overrides)
-    assert resumed_from in {15, 30}
+    assert killed_after_checkpoint(killed, 15, *overrides) == 15
     train(killed, "ckpt_path=auto", *overrides)
-    assert_same_as(reference, killed, resumed_from)
+    assert_same_as(reference, killed, 15)
 
 
 def test_each_rank_draws_its_own_t_and_noise(compose_cfg) -> None:

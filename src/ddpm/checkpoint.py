@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ddpm.backbones import compile_backbone, set_channels_last, set_matmul_precision
-from ddpm.diffusion import LEARNED_VARIANCES, GaussianDiffusion
+from ddpm.checks import check_choice
+from ddpm.diffusion import LEARNED_VARIANCES, VARIANCES, GaussianDiffusion
 
 ORACLE_TARGET = "ddpm.truth.Oracle"
 
@@ -262,6 +263,8 @@ def check_same_parameterisation(
 ) -> None:
     """Refuse a `prediction` other than the trained one, and a `variance` change unless both are
     fixed (beta <-> tilde_beta), naming the key and both values."""
+    if variance is not None:
+        check_choice("variance", variance, VARIANCES)
     trained_prediction = trained.get("prediction", "eps")
     if prediction is not None and prediction != trained_prediction:
         raise ValueError(

@@ -1,8 +1,7 @@
-"""What the commands share: the config folder, resolvers and one-line user errors."""
+"""What the commands share: Hydra callbacks and one-line user errors."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
@@ -14,50 +13,10 @@ from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from ddpm.diffusion import output_channels
 from ddpm.results import collect, write_table
-
-CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")  # the repository's conf/
-
-
-def short_dirname(name: str, limit: int = 200) -> str:
-    """A sweep job's folder name from its overrides: '/' made '_', and past `limit` characters
-    cut and ended with a hash, since file systems refuse names over 255 bytes."""
-    name = name.replace(os.sep, "_")
-    if len(name) <= limit:
-        return name
-    return f"{name[: limit - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
-
-
-OmegaConf.register_new_resolver("short_dirname", short_dirname, replace=True)
-
-
-def launcher_setting(key: str, default: Any = None) -> Any:
-    """`${launcher:KEY,DEFAULT}`: hydra.launcher.KEY when the run's launcher sets it (e.g. nodes
-    and gpus_per_node under hydra/launcher=slurm), else DEFAULT."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return default
-    value = HydraConfig.get().launcher.get(key)
-    return default if value is None else value
-
-
-OmegaConf.register_new_resolver("launcher", launcher_setting, replace=True)
-
-
-def choice_or(choice: str | None, default: str) -> str:
-    """`${choice_or:${hydra:runtime.choices.GROUP},DEFAULT}`: the group's option, or DEFAULT when
-    the group is left null."""
-    return default if choice in (None, "None", "null") else choice
-
-
-OmegaConf.register_new_resolver("choice_or", choice_or, replace=True)
-# `${output_channels:C,VARIANCE}`: the backbone's output channels, 2C with a learned variance.
-OmegaConf.register_new_resolver("output_channels", output_channels, replace=True)
 
 
 def user_error_message(error: BaseException) -> str | None:

@@ -20,7 +20,8 @@ from PIL import Image
 
 from ddpm.checkpoint import load_trained_for, pick_device
 from ddpm.checks import check_choice
-from ddpm.cli.common import CONF_DIR, quiet_known_noise, user_errors
+from ddpm.cli.common import quiet_known_noise, user_errors
+from ddpm.config import CONFIG_PATH
 from ddpm.data.base import SPLITS
 from ddpm.distributed import world
 from ddpm.figures import bpd_terms_figure
@@ -127,7 +128,7 @@ def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def main(cfg: DictConfig) -> None:
     quiet_known_noise()
     evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))

@@ -12,7 +12,8 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from ddpm.checkpoint import load_trained_for, pick_device
-from ddpm.cli.common import CONF_DIR, quiet_known_noise, user_errors
+from ddpm.cli.common import quiet_known_noise, user_errors
+from ddpm.config import CONFIG_PATH
 from ddpm.distributed import world
 from ddpm.sampling import check_sampling, generate
 
@@ -51,7 +52,7 @@ def sample(cfg: DictConfig, output_dir: Path) -> Path:
     return output_dir
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
 def main(cfg: DictConfig) -> None:
     quiet_known_noise()
     sample(cfg, Path(HydraConfig.get().runtime.output_dir))

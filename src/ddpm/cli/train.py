@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import sys
@@ -17,16 +18,21 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Timer
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException
 
 from ddpm.backbones import compile_backbone, set_channels_last, set_matmul_precision
 from ddpm.callbacks import NanGuard, NonFiniteLossError
-from ddpm.checkpoint import ORACLE_TARGET, check_same_model, read_checkpoint
-from ddpm.checks import check_choice
-from ddpm.cli.common import CONF_DIR, quiet_known_noise, user_errors
+from ddpm.checkpoint import (
+    ORACLE_TARGET,
+    check_same_model,
+    check_same_parameterisation,
+    read_checkpoint,
+)
+from ddpm.cli.common import quiet_known_noise, user_errors
 from ddpm.cli.evaluate import check_split, evaluate
-from ddpm.diffusion import FIXED_VARIANCES, output_channels
+from ddpm.config import CONFIG_PATH
+from ddpm.diffusion import output_channels
 from ddpm.loggers import finish_wandb, guard_logger
 from ddpm.module import DiffusionModule
 from ddpm.results import config_digest, read_run_results, write_run_results
@@ -194,58 +200,39 @@ def finished_before(cfg: DictConfig) -> dict[str, Any] | None:
     return None
 
 
-def _without_nulls(node: Any) -> Any:
-    """A nested dict without its None leaves (what `eval` leaves to conf/eval.yaml)."""
-    if isinstance(node, dict):
-        kept = {k: _without_nulls(v) for k, v in node.items() if v is not None}
-        return {k: v for k, v in kept.items() if v != {}}
-    return node
-
-
-def _compose_eval() -> DictConfig:
-    """conf/eval.yaml composed as `ddpm-eval logger=none` would (inside this Hydra app, or on its
-    own when train() is called from Python)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        return compose("eval", overrides=["logger=none"])
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("eval", overrides=["logger=none"])
-
-
 def eval_config(cfg: DictConfig) -> dict[str, DictConfig] | None:
-    """With `eval_after_fit`: conf/eval.yaml with the `eval` keys that are not null over it and
-    the run's own last.ckpt (under the name ""), and one such config per `eval.variants` entry
-    (its keys over that); checked now, so that a bad key or value stops the run before
-    training."""
+    """With `eval_after_fit`: the run's `eval` node (every key of ddpm-eval, composed by Hydra from
+    the same files) with the run's own last.ckpt, under the name "", and one config per
+    `eval.variants` entry (its keys over that); checked now, so that a bad key or value stops the
+    run before training."""
     if not cfg.get("eval_after_fit"):
         return None
-    asked = _without_nulls(OmegaConf.to_container(cfg.get("eval") or {}, resolve=True))
-    variants = {"": {}, **(asked.pop("variants", None) or {})}
-    trained_variance = cfg.diffusion.variance
+    base = OmegaConf.masked_copy(cfg.eval, [k for k in cfg.eval if k != "variants"])
+    variants = {"": {}, **OmegaConf.to_container(cfg.eval.get("variants") or {}, resolve=True)}
+    trained = OmegaConf.to_container(cfg.diffusion, resolve=True)
     diffusion = instantiate(cfg.diffusion)
     configs = {}
     for name, keys in variants.items():
-        evaluation = _compose_eval()
         key_prefix = f"eval.variants.{name}." if name else "eval."
+        evaluation = copy.deepcopy(base)
+        OmegaConf.set_struct(evaluation, True)
         try:
-            evaluation.merge_with(asked, keys or {})
+            evaluation.merge_with(keys or {})
         except OmegaConfBaseException as error:
             key = getattr(error, "full_key", "?")
             raise ValueError(
                 f"{key_prefix}{key} is not a key of ddpm-eval (conf/eval.yaml)."
             ) from error
-        evaluation.paths = cfg.paths  # the classifier cache under paths.data_dir
-        evaluation.ckpt_path = str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
-        variance = evaluation.diffusion.variance
-        if variance is not None and variance != trained_variance:
-            check_choice(f"{key_prefix}diffusion.variance", variance, FIXED_VARIANCES)
-            if trained_variance not in FIXED_VARIANCES:
-                raise ValueError(
-                    f"{key_prefix}diffusion.variance={variance} with variance={trained_variance}:"
-                    " only a fixed variance can be swapped for the other."
-                )
+        with open_dict(evaluation):
+            evaluation.paths = cfg.paths  # the classifier cache under paths.data_dir
+            evaluation.ckpt_path = str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+            evaluation.logger = None  # the run's own loggers get the numbers
+        try:
+            check_same_parameterisation(
+                trained, evaluation.diffusion.variance, evaluation.diffusion.prediction
+            )
+        except ValueError as error:  # its message starts with the key
+            raise ValueError(f"{key_prefix}diffusion.{error}") from error
         try:
             check_split(evaluation.split)
             check_sampling(
@@ -360,7 +347,7 @@ def _sweeper_optimises() -> bool:
     return not HydraConfig.get().sweeper.get("_target_", "").endswith("BasicSweeper")
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train; return the final `optimized_metric` (what a sweeper optimises)."""
     quiet_known_noise()

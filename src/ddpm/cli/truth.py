@@ -27,7 +27,8 @@ from PIL import Image
 
 from ddpm.checkpoint import ORACLE_TARGET, is_oracle, load_trained_for, pick_device
 from ddpm.checks import check_int
-from ddpm.cli.common import CONF_DIR, quiet_known_noise, user_errors
+from ddpm.cli.common import quiet_known_noise, user_errors
+from ddpm.config import CONFIG_PATH
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.figures import gaussianity_figure, truth_figure
 from ddpm.loggers import log_results
@@ -199,7 +200,7 @@ def truth(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="truth")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="truth")
 def main(cfg: DictConfig) -> None:
     quiet_known_noise()
     truth(cfg, Path(HydraConfig.get().runtime.output_dir))
