@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-import ddpm.cli.common  # noqa: F401 - registers the resolvers the configs use
+from ddpm.config import CONFIG_MODULE
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -23,29 +23,65 @@ README = (ROOT / "README.md").read_text()
 
 # Few steps and a short chain (conf/experiment/smoke.yaml): every piece in seconds.
 FAST = ["experiment=smoke"]
+# Appended to (or replacing the value of) a README command's own keys: minutes become seconds.
+SHORT = ["timesteps=50", "trainer.max_steps=12", "callbacks.samples.num_samples=4"]
+# A 4-step toy run (trained with model.clip_denoised=false, as experiment=toy2d sets).
+TOY_SHORT = [
+    "experiment=toy2d",
+    "timesteps=50",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "data.num_val=300",
+    "data.num_test=300",
+    "callbacks.samples.num_samples=4",
+]
+
+
+def compose_in(
+    output_dir: Path, overrides: list[str], config_name: str = "train", keep_hydra: bool = False
+) -> DictConfig:
+    """The config as inside a Hydra run whose folder is `output_dir` (`keep_hydra=True` keeps the
+    `hydra` node in it), composed from the shipped configs (ddpm.conf)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    if not keep_hydra:
+        with open_dict(cfg):
+            del cfg.hydra
+    return cfg
 
 
 @pytest.fixture
 def compose_cfg(tmp_path: Path):
-    """compose_cfg(overrides, config_name="train") -> the config, as inside a Hydra run in
-    tmp_path (`keep_hydra=True` keeps the `hydra` node in it)."""
-
-    def _compose(
-        overrides: list[str], config_name: str = "train", keep_hydra: bool = False
-    ) -> DictConfig:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(tmp_path)
-        HydraConfig.instance().set_config(cfg)
-        if not keep_hydra:
-            with open_dict(cfg):
-                del cfg.hydra
-        return cfg
-
-    yield _compose
+    """compose_cfg(overrides, config_name="train", keep_hydra=False) -> the config, as inside a
+    Hydra run in tmp_path."""
+    yield lambda *args, **kwargs: compose_in(tmp_path, *args, **kwargs)
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def digits_ckpt(tmp_path_factory) -> Path:
+    """The one trained digits checkpoint every test that needs one shares: the README's first
+    command, `python train.py`, as a subprocess, shortened by SHORT (T = 50, 12 steps)."""
+    run_dir = tmp_path_factory.mktemp("digits") / "outputs" / "ck"
+    result = run_train([*SHORT, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def toy_ckpt(tmp_path_factory) -> Path:
+    """The one trained 2-D checkpoint (TOY_SHORT, trained in this process)."""
+    from ddpm.cli.train import build
+
+    out = tmp_path_factory.mktemp("toy")
+    run = build(compose_in(out, ["logger=none", *TOY_SHORT]))
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    GlobalHydra.instance().clear()
+    return out / "checkpoints" / "last.ckpt"
 
 
 @pytest.fixture

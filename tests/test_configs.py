@@ -20,28 +20,6 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-def test_groups_have_the_documented_options() -> None:
-    assert options("schedule") == ["cosine", "linear", "quadratic", "sigmoid"]
-    assert options("variance") == ["beta", "learned", "learned_range", "tilde_beta"]
-    assert options("prediction") == ["eps", "mean", "v", "x0"]
-    assert options("loss") == ["hybrid", "simple", "vlb"]
-    assert options("backbone") == ["mlp", "oracle", "unet", "unet_ddpm_cifar10"]
-    assert options("data") == [
-        "cifar10",
-        "digits",
-        "fashion_mnist",
-        "gmm",
-        "image_folder",
-        "mnist",
-        "toy2d",
-    ]
-    assert options("logger") == ["csv", "none", "tensorboard", "wandb"]
-    assert options("trainer") == ["cpu", "ddp", "default", "gpu"]
-    assert {"digits", "toy2d", "gmm"} <= set(options("experiment"))
-
-
-@pytest.mark.parametrize("schedule", options("schedule"))
-@pytest.mark.parametrize("variance", options("variance"))
 def test_schedule_and_variance_build_the_diffusion(
     compose_cfg, schedule: str, variance: str
 ) -> None:
@@ -126,16 +104,6 @@ def test_trainers_instantiate_on_cpu(compose_cfg, trainer: str) -> None:
     assert isinstance(instantiate(cfg.trainer, logger=False), pl.Trainer)
 
 
-def test_ddp_trainer_is_ddp_on_all_gpus(compose_cfg) -> None:
-    cfg = compose_cfg(["trainer=ddp"])
-    assert (cfg.trainer.strategy, cfg.trainer.accelerator, cfg.trainer.devices) == (
-        "ddp",
-        "gpu",
-        -1,
-    )
-
-
-@pytest.mark.parametrize("logger", options("logger"))
 def test_loggers_instantiate(compose_cfg, logger: str, monkeypatch) -> None:
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", "/nonexistent")
@@ -208,25 +176,6 @@ def test_ddpm_cifar10_is_the_papers_run(compose_cfg) -> None:
     assert OmegaConf.masked_copy(cosine, ["model", "trainer", "data"]) == OmegaConf.masked_copy(
         cfg, ["model", "trainer", "data"]
     )
-
-
-def test_the_digits_studies_keep_the_lr_they_were_measured_at(compose_cfg) -> None:
-    """docs/results.md's tables were measured at lr 2e-4; the default run's lr (2e-3, chosen by
-    experiment=tune_digits) must not reach them, nor the paper's presets."""
-    default = compose_cfg([]).model.optimizer.lr
-    assert default == compose_cfg(["experiment=digits"]).model.optimizer.lr and default != 2e-4
-    for name in ("study_variance", "study_objective", "study_schedule", "study_sampling", "mnist"):
-        assert compose_cfg([f"experiment={name}"]).model.optimizer.lr == 2e-4, name
-
-
-def test_only_the_digits_default_leaves_the_papers_t(compose_cfg) -> None:
-    """T = 500 was chosen for the 5-minute digits run (experiment=tune_digits stage 4); the
-    paper's presets, the studies of docs/results.md and the known-distribution presets keep
-    the T = 1000 they were measured at."""
-    assert compose_cfg([]).timesteps == compose_cfg(["experiment=digits"]).timesteps == 500
-    for name in ("ddpm_cifar10", "ddpm_cifar10_cosine", "mnist", "study_variance",
-                 "study_objective", "study_sampling", "gmm", "toy2d"):  # fmt: skip
-        assert compose_cfg([f"experiment={name}"]).timesteps == 1000, name
 
 
 def test_channels_last_lays_out_the_backbone_and_keeps_its_function(compose_cfg) -> None:

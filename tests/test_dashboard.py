@@ -13,9 +13,6 @@ from conftest import FAST
 from PIL import Image
 
 from ddpm.cli.train import build, train
-from ddpm.diffusion import GaussianDiffusion
-from ddpm.figures import schedule_figure
-from ddpm.schedules import make_beta_schedule
 
 
 def test_loss_quarters_are_window_means_per_quarter(compose_cfg) -> None:
@@ -66,13 +63,6 @@ def test_grad_norm_is_the_norm_before_clipping(compose_cfg) -> None:
     module.on_before_optimizer_step(None)  # type: ignore[arg-type]
     n = sum(p.numel() for p in module.backbone.parameters())
     assert logged["train/grad_norm"].item() == pytest.approx(2.0 * math.sqrt(n), rel=1e-5)
-
-
-def test_schedule_figure_draws_both_variances() -> None:
-    diffusion = GaussianDiffusion(make_beta_schedule("cosine", 200), "tilde_beta")
-    image = schedule_figure(diffusion, "cosine")
-    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
-    assert image.shape[1] > 2 * image.shape[0]  # three panels side by side
 
 
 def test_ema_with_buffers_averages_float_buffers_and_copies_integer_ones() -> None:

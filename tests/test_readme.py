@@ -22,10 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, commands, run_in_one_interpreter, section
-
-# Appended to (or replacing the value of) a README command's own keys: minutes become seconds.
-SHORT = ["timesteps=50", "trainer.max_steps=12", "callbacks.samples.num_samples=4"]
+from conftest import ROOT, SHORT, commands, run_in_one_interpreter, section
 
 # Commands that need what this machine lacks, with the reason.
 SKIPPED = {
@@ -34,6 +31,10 @@ SKIPPED = {
     "python train.py experiment=ddpm_cifar10 trainer=ddp logger=wandb": "needs GPUs and CIFAR-10",
     "python train.py -m experiment=ddpm_cifar10 trainer=ddp hydra/launcher=slurm "
     "hydra.launcher.nodes=4": "needs a SLURM cluster",
+    # the same sweep with eval_after_fit and the sample score is the first command of the
+    # section "Sweeps, results tables and the paper's claims": tests/test_results.py runs it,
+    # kills it, reruns it and pastes a job's checkpoint path into ddpm-sample
+    "python train.py -m schedule=linear,cosine variance=beta,tilde_beta": "runs in test_results",
 }
 
 # Extra overrides per command (beyond SHORT), and why.
@@ -120,12 +121,10 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ckpt(workdir: Path) -> Path:
+def ckpt(digits_ckpt: Path) -> Path:
     """The checkpoint the Sample-and-evaluate commands use ($CK): the README's first command,
-    shortened."""
-    result = run(with_overrides("python train.py hydra.run.dir=outputs/ck", SHORT), workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir / "outputs" / "ck" / "checkpoints" / "last.ckpt"
+    shortened (the session's digits checkpoint)."""
+    return digits_ckpt
 
 
 def test_every_readme_command_is_covered() -> None:
@@ -157,6 +156,7 @@ def check_train_run(folder: Path, steps: int, csv_logs: bool = True, hydra: bool
         assert any(r.get("val/loss") for r in rows) and any(r.get("train/loss") for r in rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", commands("Examples"))
 def test_examples(command: str, workdir: Path, ckpt: Path, tmp_path: Path) -> None:
     if command in SKIPPED:
@@ -178,14 +178,10 @@ def test_examples(command: str, workdir: Path, ckpt: Path, tmp_path: Path) -> No
     if "--cfg" in words:
         assert "diffusion:" in result.stdout and not log_dir.exists()
         return
-    if "hparams_search=optuna" in command:
-        assert len(list(log_dir.glob("train/multirun/*/optimization_results.yaml"))) == 1
-        return
-    if "-m" in words:  # the 2x2 sweep: four job folders, each a finished run
-        jobs = runs_in(only(runs_in(log_dir / "train" / "multirun")))
-        assert [j.name.split("_", 1)[0] for j in jobs] == ["0", "1", "2", "3"]
-        for job in jobs:
-            check_train_run(job, 12)
+    if "hparams_search=optuna" in command:  # the same command again continues the study
+        again = run(words, workdir, env)
+        assert again.returncode == 0, again.stderr[-3000:]
+        check_optuna_study(log_dir, trials=4)
         return
     if "hydra.run.dir=outputs/train/my-run" in command:
         folder = workdir / "outputs" / "train" / "my-run"
@@ -203,10 +199,45 @@ def test_examples(command: str, workdir: Path, ckpt: Path, tmp_path: Path) -> No
     if "schedule=cosine" in command:
         assert folder.parent.name == "cosine-tilde_beta"
     if "logger=wandb" in command:
-        assert only(list((folder / "wandb").glob("offline-run-*")))
-        assert "wandb sync" in output
+        check_wandb_offline_record(folder, "linear-beta-unet", "schedule=linear")
+        assert output.count("wandb: logging offline to") == 1 and "wandb sync" in output
+    if "compile=true" in command:  # compiled in place: the checkpoint loads into a plain network
+        from ddpm.checkpoint import load_trained
+
+        trained = load_trained(folder / "checkpoints" / "last.ckpt")
+        assert trained.backbone._compiled_call_impl is None
     if "trainer.devices=2" in command:
         assert "MEMBER: 2/2" in output
+
+
+def check_optuna_study(log_dir: Path, trials: int) -> None:
+    """The study in <log_dir>/optuna.db holds `trials` finished trials over the searched keys, and
+    each command's sweep folder names its best."""
+    import optuna
+    import yaml
+
+    study = optuna.load_study(study_name="ddpm", storage=f"sqlite:///{log_dir}/optuna.db")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == trials
+    assert {"model.optimizer.lr", "schedule", "variance"} == set(done[0].params)
+    assert all(1e-5 <= t.params["model.optimizer.lr"] <= 1e-3 for t in done)
+    assert all(math.isfinite(t.value) and t.value > 0 for t in done)
+    results = sorted(log_dir.glob("train/multirun/*/optimization_results.yaml"))
+    assert len(results) == 2
+    best = yaml.safe_load(results[-1].read_text())
+    assert best["best_value"] == pytest.approx(min(t.value for t in done))
+
+
+def check_wandb_offline_record(folder: Path, name: str, tag: str) -> None:
+    """The offline run (what `wandb sync` uploads) holds the run's name, its tags, the metrics of
+    the dashboard, its images and the resolved config; the record stores strings as bytes."""
+    offline_run = only(list((folder / "wandb").glob("offline-run-*")))
+    images = offline_run / "files" / "media" / "images"
+    assert list(images.glob("samples_*.png")) and len(list(images.glob("schedule_*.png"))) == 1
+    record = only(list(offline_run.glob("run-*.wandb"))).read_bytes()
+    expected = [name, tag, "train/loss", "val/loss", "lr-Adam", "train/loss_q0", "train/loss_q3"]
+    for text in [*expected, "train/grad_norm", "train/images_per_sec", "run_config"]:
+        assert text.encode() in record, text
 
 
 def parameterisation_commands() -> list[str]:
@@ -231,6 +262,7 @@ def test_parameterisation_commands(command: str, compose_cfg, tmp_path: Path) ->
     check_train_run(tmp_path, 12, hydra=False)
 
 
+@pytest.mark.slow
 def test_sample_and_evaluate(ckpt: Path, workdir: Path, tmp_path: Path) -> None:
     """Every command of the section: `ddpm-sample` and `ddpm-eval` lines through their entry
     points in one interpreter, `python -m ddpm.cli.evaluate` as a subprocess, as typed; each
@@ -355,6 +387,7 @@ TRUTH_COMMANDS = {
 }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_true_reverse_process_commands(tmp_path: Path) -> None:
     """The section's commands, as typed (shortened by overrides), in one interpreter
     (tests/run_commands.py): a gmm model and its continuation measured against the truth (the

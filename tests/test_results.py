@@ -11,7 +11,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from ddpm.classifier import classifier_for
 from ddpm.data.digits import DigitsDataModule
 from ddpm.metrics import fid_kid, held_out_images
 
+HOOK = str(Path(__file__).parent / "sigkill_hook")
 SECTION = "Sweeps, results tables and the paper's claims"
 # The section's sweep command is run with these overrides, which shorten it (and put a job's
 # checkpoints close together, so that one can be killed between them).
@@ -53,6 +53,7 @@ def test_the_section_lists_the_sweep_and_every_study() -> None:
     assert listed[1:] == [f"python train.py -m experiment=study_{name}" for name in STUDIES]
 
 
+@pytest.mark.slow
 def test_a_sweep_ends_in_a_table_and_a_rerun_continues_it(tmp_path: Path) -> None:
     """The README's sweep (eval after fit, the sample score on), as a user runs it, shortened:
     killed (SIGKILL) while its second job trains, then run again with the same hydra.sweep.dir:
@@ -65,19 +66,15 @@ def test_a_sweep_ends_in_a_table_and_a_rerun_continues_it(tmp_path: Path) -> Non
     args = [*words, *SHORT, f"hydra.sweep.dir={sweep}", f"paths.data_dir={tmp_path / 'data'}"]
     env = {**os.environ, "WANDB_MODE": "", "HYDRA_FULL_ERROR": "0"}
     command = [sys.executable, str(ROOT / "train.py"), *args]
-    first = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    # killed by tests/sigkill_hook right after job 1 writes its last.ckpt at step 5
+    hook = {"PYTHONPATH": HOOK, "DDPM_TEST_SIGKILL_AFTER_STEP": "5", "DDPM_TEST_SIGKILL_RUN": "/1_"}
+    first = subprocess.run(
+        command, cwd=tmp_path, env={**env, **hook}, capture_output=True, text=True,
+        start_new_session=True, timeout=600,
     )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and first.poll() is None:
-        killed = list(sweep.glob("1_*/checkpoints/last.ckpt"))
-        if killed:
-            os.killpg(first.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    first.wait(timeout=60)
-    assert killed, "the second job never wrote a checkpoint"
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    killed = job_folder(sweep, 1) / "checkpoints" / "last.ckpt"
+    assert torch.load(killed, weights_only=True)["global_step"] == 5
     finished = job_folder(sweep, 0)
     assert (finished / "results.json").is_file()
     assert not (job_folder(sweep, 1) / "results.json").exists()  # killed mid-run
@@ -114,6 +111,23 @@ def test_a_sweep_ends_in_a_table_and_a_rerun_continues_it(tmp_path: Path) -> Non
     assert (sweep / "results.png").stat().st_size > 10_000
     cached = list((tmp_path / "data").glob("classifier-digits-train*-seed0.pt"))
     assert len(cached) == 1  # trained once, read by every later job
+
+    # a job's folder, pasted as it is into the commands that take a path
+    job = job_folder(sweep, 3)
+    assert "+schedule-cosine+" in job.name and not set("=,/ ") & set(job.name)
+    overrides = list(OmegaConf.load(job / ".hydra" / "overrides.yaml"))
+    lines = [
+        ["ddpm-sample", f"ckpt_path={job}/checkpoints/last.ckpt", "num_samples=2",
+         "sampler=ddim", "steps=5", f"hydra.run.dir={tmp_path / 'pasted'}"],
+        ["train.py", *overrides, f"hydra.run.dir={job}", "ckpt_path=auto"],
+    ]  # fmt: skip
+    sampled, again = run_in_one_interpreter(lines, tmp_path)
+    assert sampled["code"] == 0, sampled["stderr"][-3000:]
+    assert (tmp_path / "pasted" / "samples.npz").is_file()
+    assert again["code"] == 0, again["stderr"][-3000:]
+    assert "holds a finished run of this config: not trained again" in (
+        job / "train.log"
+    ).read_text()
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +242,7 @@ STUDIES = {
 }
 
 
+@pytest.mark.slow
 def test_every_study_preset_runs_and_writes_its_table(tmp_path: Path) -> None:
     """`python train.py -m experiment=study_<name>` for each study, shortened by overrides (a
     few steps, few samples, and a short chain where T is not what the study varies): the sweep

@@ -9,38 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, run_train
-from hydra.core.global_hydra import GlobalHydra
+from conftest import run_train
 
 from ddpm.checkpoint import load_trained, load_trained_for
 from ddpm.cli.evaluate import evaluate
 from ddpm.cli.sample import sample
-from ddpm.cli.train import build
 from ddpm.metrics import energy_distance, sliced_wasserstein
-
-# A 4-step toy run (trained with model.clip_denoised=false, as experiment=toy2d sets).
-TOY_SHORT = [
-    "experiment=toy2d",
-    "timesteps=50",
-    "trainer.max_steps=4",
-    "trainer.val_check_interval=2",
-    "data.num_val=300",
-    "data.num_test=300",
-    "callbacks.samples.num_samples=4",
-]
-
-
-def train_checkpoint(compose_cfg, overrides: list[str]) -> Path:
-    cfg = compose_cfg(["logger=none", *overrides])
-    run = build(cfg)
-    run.trainer.fit(run.module, datamodule=run.datamodule)
-    GlobalHydra.instance().clear()
-    return Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-
-
-@pytest.fixture
-def digits_ckpt(compose_cfg) -> Path:
-    return train_checkpoint(compose_cfg, FAST)
 
 
 def test_sample_cli_writes_grid_npz_and_trajectory(digits_ckpt: Path, tmp_path: Path) -> None:
@@ -135,9 +109,8 @@ def test_sample_cli_refuses_a_missing_checkpoint(tmp_path: Path) -> None:
     )
 
 
-def test_toy2d_eval_reports_distances_beside_floor_and_baseline(compose_cfg) -> None:
-    ckpt = train_checkpoint(compose_cfg, TOY_SHORT)
-    cfg = compose_cfg([f"ckpt_path={ckpt}", "logger=none"], config_name="eval")
+def test_toy2d_eval_reports_distances_beside_floor_and_baseline(compose_cfg, toy_ckpt) -> None:
+    cfg = compose_cfg([f"ckpt_path={toy_ckpt}", "logger=none"], config_name="eval")
     metrics = evaluate(cfg, Path(cfg.paths.output_dir))
     for name in ("energy_distance", "sliced_wasserstein"):
         values = metrics[name]
@@ -148,9 +121,9 @@ def test_toy2d_eval_reports_distances_beside_floor_and_baseline(compose_cfg) -> 
 
 
 def test_sample_seed_clip_denoised_and_compile_follow_the_config(
-    compose_cfg, tmp_path: Path, capsys
+    compose_cfg, toy_ckpt: Path, tmp_path: Path, capsys
 ) -> None:
-    ckpt = train_checkpoint(compose_cfg, TOY_SHORT)
+    ckpt = toy_ckpt
 
     def points(name: str, *overrides: str) -> np.ndarray:
         base = [
@@ -244,6 +217,7 @@ def test_fid_and_kid_from_a_local_weights_file(digits_ckpt: Path, compose_cfg, t
     assert math.isfinite(fid["fid_floor"]) and math.isfinite(fid["kid_floor_mean"])
 
 
+@pytest.mark.slow
 def test_torchrun_splits_sampling_and_the_bound_over_processes(digits_ckpt: Path, tmp_path) -> None:
     """Two CPU processes (torchrun) share the batches and gather them: the samples and the bound
     are those of one process, to the bit."""

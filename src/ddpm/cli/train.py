@@ -208,7 +208,8 @@ def eval_config(cfg: DictConfig) -> dict[str, DictConfig] | None:
     if not cfg.get("eval_after_fit"):
         return None
     base = OmegaConf.masked_copy(cfg.eval, [k for k in cfg.eval if k != "variants"])
-    variants = {"": {}, **OmegaConf.to_container(cfg.eval.get("variants") or {}, resolve=True)}
+    asked = cfg.eval.get("variants")
+    variants = {"": {}, **(OmegaConf.to_container(asked, resolve=True) if asked else {})}
     trained = OmegaConf.to_container(cfg.diffusion, resolve=True)
     diffusion = instantiate(cfg.diffusion)
     configs = {}
