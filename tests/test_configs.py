@@ -20,6 +20,8 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
+@pytest.mark.parametrize("schedule", options("schedule"))
+@pytest.mark.parametrize("variance", options("variance"))
 def test_schedule_and_variance_build_the_diffusion(
     compose_cfg, schedule: str, variance: str
 ) -> None:
@@ -104,6 +106,7 @@ def test_trainers_instantiate_on_cpu(compose_cfg, trainer: str) -> None:
     assert isinstance(instantiate(cfg.trainer, logger=False), pl.Trainer)
 
 
+@pytest.mark.parametrize("logger", options("logger"))
 def test_loggers_instantiate(compose_cfg, logger: str, monkeypatch) -> None:
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", "/nonexistent")

@@ -284,6 +284,7 @@ TOY = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "choice",
     [

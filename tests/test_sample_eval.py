@@ -196,6 +196,7 @@ def random_inception_weights(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_fid_and_kid_from_a_local_weights_file(digits_ckpt: Path, compose_cfg, tmp_path) -> None:
     weights = random_inception_weights(tmp_path / "inception.pth")
     overrides = [
