@@ -115,7 +115,9 @@ def run_train(
     )
 
 
-def run_in_one_interpreter(lines: list[list[str]], cwd: Path) -> list[dict]:
+def run_in_one_interpreter(
+    lines: list[list[str]], cwd: Path, env: dict | None = None
+) -> list[dict]:
     """Run command lines of train.py and the ddpm-* commands through their entry points, one
     after another in one interpreter (tests/run_commands.py): each one's exit status, output and
     seconds. Start-up (about 7 s, most of it importing Lightning) is paid once."""
@@ -125,7 +127,7 @@ def run_in_one_interpreter(lines: list[list[str]], cwd: Path) -> list[dict]:
         capture_output=True,
         text=True,
         timeout=900,
-        env={**os.environ, "WANDB_MODE": "", "HYDRA_FULL_ERROR": "0"},
+        env={**os.environ, "WANDB_MODE": "", "HYDRA_FULL_ERROR": "0", **(env or {})},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.splitlines()[-1])

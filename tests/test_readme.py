@@ -39,6 +39,8 @@ SKIPPED = {
 
 # Extra overrides per command (beyond SHORT), and why.
 EXTRA = {
+    # per-step metrics (the learning rate, the loss quarters) logged within the 12 steps
+    "python train.py logger=wandb": ["trainer.log_every_n_steps=4"],
     # Inductor needs minutes on 2 CPU cores; the eager backend runs the same torch.compile path.
     # bf16 on a CPU without bf16 arithmetic is 5-10 times slower: 4 steps
     "python train.py trainer.precision=bf16-mixed compile=true": [
@@ -156,41 +158,80 @@ def check_train_run(folder: Path, steps: int, csv_logs: bool = True, hydra: bool
         assert any(r.get("val/loss") for r in rows) and any(r.get("train/loss") for r in rows)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("command", commands("Examples"))
-def test_examples(command: str, workdir: Path, ckpt: Path, tmp_path: Path) -> None:
-    if command in SKIPPED:
-        pytest.skip(SKIPPED[command])
+# Examples that run as processes of their own: DDP starts its workers by re-running the command
+# line, wandb starts its service, the Optuna sweep keeps a study on disk between two commands.
+# The others run one after another in one interpreter, each through train.py's entry point with
+# its own argv (tests/run_commands.py), which saves their start-up.
+OWN_PROCESS = ("trainer=ddp", "logger=wandb", "hparams_search=optuna")
+
+
+def example_words(command: str, workdir: Path, ckpt: Path, log_dir: Path) -> list[str]:
+    """The command's words as run here: shortened (SHORT and EXTRA), the checkpoint and the
+    image folder put in, runs under `log_dir`."""
     extra = EXTRA.get(command, [])
     command = command.replace("outputs/train/linear-beta/<time>/checkpoints/last.ckpt", str(ckpt))
     command = command.replace("~/faces", str(workdir / "faces"))
     words = with_overrides(command, [*SHORT, *extra])
     if "ckpt_path=" + str(ckpt) in command:  # continue the checkpoint's run further
         words = with_overrides(" ".join(words), ["trainer.max_steps=16"])
-    log_dir = tmp_path / "outputs"
-    words.append(f"paths.log_dir={log_dir}")
+    return [*words, f"paths.log_dir={log_dir}"]
+
+
+@pytest.fixture(scope="module")
+def shared_examples(workdir: Path, ckpt: Path, tmp_path_factory) -> dict[str, dict]:
+    """The Examples not in OWN_PROCESS, run in one interpreter: each one's outcome and log_dir
+    (the `my-run` example twice, the second time continued to 14 steps)."""
+    root = tmp_path_factory.mktemp("examples")
+    names, lines = [], []
+    for number, command in enumerate(commands("Examples")):
+        if command in SKIPPED or any(key in command for key in OWN_PROCESS):
+            continue
+        words = example_words(command, workdir, ckpt, root / str(number))
+        names.append(command)
+        lines.append(["train.py", *words[2:]])
+        if "hydra.run.dir=outputs/train/my-run" in command:
+            names.append(command + " again")
+            lines.append(["train.py", *words[2:-1], "trainer.max_steps=14", words[-1]])
+    outcomes = run_in_one_interpreter(lines, workdir)
+    return {
+        name: {**outcome, "log_dir": Path(line[-1].split("=", 1)[1])}
+        for name, line, outcome in zip(names, lines, outcomes, strict=True)
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", commands("Examples"))
+def test_examples(command: str, workdir: Path, ckpt: Path, tmp_path: Path, shared_examples):
+    if command in SKIPPED:
+        pytest.skip(SKIPPED[command])
     env = {"NETRC": str(tmp_path / "no-netrc")}
-    result = run(words, workdir, env)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
+    if command in shared_examples:
+        outcome = shared_examples[command]
+        code, stdout, log_dir = outcome["code"], outcome["stdout"], outcome["log_dir"]
+        output = stdout + outcome["stderr"]
+        words = example_words(command, workdir, ckpt, log_dir)
+    else:
+        log_dir = tmp_path / "outputs"
+        words = example_words(command, workdir, ckpt, log_dir)
+        result = run(words, workdir, env)
+        code, stdout, output = result.returncode, result.stdout, result.stdout + result.stderr
+    assert code == 0, output[-3000:]
     for noise in ("LeafSpec", "set_vital", "💡 Tip", "Total FLOPs", "Traceback"):
         assert noise not in output, noise
     if "--cfg" in words:
-        assert "diffusion:" in result.stdout and not log_dir.exists()
+        assert "diffusion:" in stdout and not log_dir.exists()
         return
     if "hparams_search=optuna" in command:  # the same command again continues the study
-        again = run(words, workdir, env)
+        again = run(with_overrides(" ".join(words), ["hydra.sweeper.n_trials=1"]), workdir, env)
         assert again.returncode == 0, again.stderr[-3000:]
-        check_optuna_study(log_dir, trials=4)
+        check_optuna_study(log_dir, trials=3)
         return
-    if "hydra.run.dir=outputs/train/my-run" in command:
+    if "hydra.run.dir=outputs/train/my-run" in command:  # run, then continued by ckpt_path=auto
+        again = shared_examples[command + " again"]
+        assert again["code"] == 0, again["stderr"][-3000:]
         folder = workdir / "outputs" / "train" / "my-run"
-        check_train_run(folder, 12)
-        again = run([*words[:-1], "trainer.max_steps=14", words[-1]], workdir, env)
-        assert again.returncode == 0, again.stderr[-3000:]
-        assert "ckpt_path=auto: resuming from" in again.stdout + again.stderr
+        assert "ckpt_path=auto: resuming from" in (folder / "train.log").read_text()
         check_train_run(folder, 14)
-        shutil.rmtree(folder)
         return
     steps = int([w for w in words if w.startswith("trainer.max_steps=")][-1].split("=")[1])
     folder = only([r for f in runs_in(log_dir / "train") for r in runs_in(f)])

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_train
+from conftest import run_in_one_interpreter, run_train
 
 from ddpm.checkpoint import load_trained, load_trained_for
 from ddpm.cli.evaluate import evaluate
@@ -223,30 +223,34 @@ def test_torchrun_splits_sampling_and_the_bound_over_processes(digits_ckpt: Path
     """Two CPU processes (torchrun) share the batches and gather them: the samples and the bound
     are those of one process, to the bit."""
     common = [f"ckpt_path={digits_ckpt}", "batch_size=2", "sampler=respaced", "steps=10"]
-    outputs = {}
-    for name, launcher in (("one", []), ("two", ["torch.distributed.run", "--nproc-per-node=2"])):
-        folder = tmp_path / name
-        for script, extra in (("ddpm.cli.sample", ["num_samples=5"]), ("ddpm.cli.evaluate", [])):
-            args = [*common, *extra, f"hydra.run.dir={folder / script}"]
-            if script == "ddpm.cli.evaluate":
-                args += ["max_examples=5", "fid.enabled=false"]
-            if launcher:
-                args = [*launcher[1:], "-m", script, *args]
-            # torchrun gives each process one thread; so does the single process here, since a
-            # convolution's float32 sums depend on how many threads share them
-            result = run_train(
-                args,
-                cwd=tmp_path,
-                script=launcher[0] if launcher else script,
-                env={"OMP_NUM_THREADS": "1"},
-            )
-            assert result.returncode == 0, result.stderr[-3000:]
-            if launcher and script == "ddpm.cli.sample":
-                assert "sampling 3 batches on 2 processes" in result.stdout + result.stderr
-        outputs[name] = (
-            np.load(folder / "ddpm.cli.sample" / "samples.npz")["samples"],
-            json.loads((folder / "ddpm.cli.evaluate" / "metrics.json").read_text()),
+    commands = {
+        "ddpm.cli.sample": [*common, "num_samples=5"],
+        "ddpm.cli.evaluate": [*common, "max_examples=5", "fid.enabled=false"],
+    }
+    # torchrun gives each process one thread; so does the single process here, since a
+    # convolution's float32 sums depend on how many threads share them
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    entry = {"ddpm.cli.sample": "ddpm-sample", "ddpm.cli.evaluate": "ddpm-eval"}
+    lines = [
+        [entry[script], *args, f"hydra.run.dir={tmp_path / 'one' / script}"]
+        for script, args in commands.items()
+    ]
+    for outcome in run_in_one_interpreter(lines, tmp_path, one_thread):
+        assert outcome["code"] == 0, outcome["stderr"][-3000:]
+    for script, args in commands.items():
+        torchrun = ["--nproc-per-node=2", "-m", script, *args]
+        torchrun.append(f"hydra.run.dir={tmp_path / 'two' / script}")
+        result = run_train(torchrun, tmp_path, script="torch.distributed.run", env=one_thread)
+        assert result.returncode == 0, result.stderr[-3000:]
+        if script == "ddpm.cli.sample":
+            assert "sampling 3 batches on 2 processes" in result.stdout + result.stderr
+    outputs = {
+        name: (
+            np.load(tmp_path / name / "ddpm.cli.sample" / "samples.npz")["samples"],
+            json.loads((tmp_path / name / "ddpm.cli.evaluate" / "metrics.json").read_text()),
         )
+        for name in ("one", "two")
+    }
     assert np.array_equal(outputs["one"][0], outputs["two"][0]) and len(outputs["one"][0]) == 5
     assert outputs["one"][1]["bpd"] == outputs["two"][1]["bpd"]
     assert outputs["one"][1]["num_examples"] == outputs["two"][1]["num_examples"] == 5
