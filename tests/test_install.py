@@ -45,13 +45,13 @@ def test_the_wheel_installs_configs_and_commands_that_run_anywhere(tmp_path: Pat
     # A fresh environment with the wheel, its dependencies taken from this one's site-packages
     # (a path in a .pth file: this one's editable install is not seen there).
     venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", str(venv)], tmp_path, env)
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path, env)
     python = venv / "bin" / "python"
     site = run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                tmp_path, env).stdout.strip()  # fmt: skip
     Path(site, "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
-        tmp_path, env)  # fmt: skip
+    install = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q"]
+    run([*install, "--no-deps", "--no-index", str(wheel)], tmp_path, env)  # this pip, into it
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
 
     elsewhere = tmp_path / "elsewhere"

@@ -26,6 +26,8 @@ from conftest import ROOT, SHORT, commands, run_in_one_interpreter, section
 
 # Commands that need what this machine lacks, with the reason.
 SKIPPED = {
+    "python train.py trainer=ddp trainer.accelerator=cpu trainer.devices=2": "runs in "
+    "test_resume.py (shortened), as the reference of the DDP run killed and resumed there",
     "python train.py trainer=ddp": "needs GPUs (DDP on all visible GPUs)",
     "python train.py data=cifar10 data.download=true": "downloads CIFAR-10 (no internet here)",
     "python train.py experiment=ddpm_cifar10 trainer=ddp logger=wandb": "needs GPUs and CIFAR-10",

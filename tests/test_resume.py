@@ -109,9 +109,12 @@ def test_killed_and_continued_runs_reproduce_the_uninterrupted_one(tmp_path, uni
 
 @pytest.mark.slow
 def test_ddp_sigkill_then_auto_resume_reproduces_the_run(tmp_path: Path) -> None:
+    """The reference is the README's `python train.py trainer=ddp trainer.accelerator=cpu
+    trainer.devices=2`, shortened."""
     ddp = [*DDP, "trainer.max_steps=20"]  # 2 processes on 2 cores: each step costs more
     reference = tmp_path / "uninterrupted"
-    train(reference, *ddp)
+    result = train(reference, *ddp)
+    assert "MEMBER: 2/2" in result.stdout + result.stderr
     killed = tmp_path / "killed"
     overrides = [*ddp, "callbacks.periodic_checkpoint.every_n_train_steps=8"]
     assert killed_after_checkpoint(killed, 8, *overrides) == 8
