@@ -10,14 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # two test processes share the 2 cores: one thread each (and in the commands they start),
-    # since torch's threads spin and two processes of two threads oversubscribe the cores
-    os.environ["OMP_NUM_THREADS"] = "1"
-    import torch
-
-    torch.set_num_threads(1)
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -60,6 +52,17 @@ def compose_in(
         with open_dict(cfg):
             del cfg.hydra
     return cfg
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`-n 2`, pyproject.toml) two test processes share the 2 cores: one
+    thread each, also in the commands they start, since two processes of torch's spinning
+    threads each would oversubscribe the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture
