@@ -106,6 +106,24 @@ def test_trainers_instantiate_on_cpu(compose_cfg, trainer: str) -> None:
     assert isinstance(instantiate(cfg.trainer, logger=False), pl.Trainer)
 
 
+def test_callbacks_are_chosen_one_file_each(compose_cfg) -> None:
+    """callbacks=default composes every file of conf/callbacks/, callbacks=[...] a chosen few,
+    callbacks=none none of ours, and callbacks.<name>=null drops one. (Keys set for a callback
+    that is not chosen are a README Troubleshooting row.)"""
+    from ddpm.callbacks import EMA, NanGuard
+
+    def ours(overrides: list[str]) -> set[type]:
+        trainer = build(compose_cfg(["timesteps=50", "logger=none", *overrides])).trainer
+        return {type(c) for c in trainer.callbacks if type(c).__module__.startswith("ddpm")}
+
+    files = {p.stem for p in (CONF / "callbacks").glob("*.yaml")} - {"default", "none"}
+    assert set(compose_cfg([]).callbacks) == files
+    assert {EMA, NanGuard} <= ours([])
+    assert ours(["callbacks=[checkpoint,ema]"]) == {EMA}
+    assert ours(["callbacks=none"]) == set()
+    assert EMA not in ours(["callbacks.ema=null"]) and NanGuard in ours(["callbacks.ema=null"])
+
+
 @pytest.mark.parametrize("logger", options("logger"))
 def test_loggers_instantiate(compose_cfg, logger: str, monkeypatch) -> None:
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

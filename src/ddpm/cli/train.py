@@ -51,9 +51,21 @@ class Run:
     ckpt_path: str | None = None
 
 
-def _instantiate_all(node: DictConfig | None) -> list[Any]:
-    """Instantiate each `_target_` entry of a dict of named entries (null entries are skipped)."""
-    return [instantiate(v) for v in (node or {}).values() if v is not None]
+def _instantiate_all(node: DictConfig | None, key: str) -> list[Any]:
+    """Instantiate each `_target_` entry of a dict of named entries (null entries are skipped);
+    an entry without `_target_` is keys set for a callback or logger that was not chosen."""
+    built = []
+    for name, value in (node or {}).items():
+        if value is None:
+            continue
+        if "_target_" not in value:
+            raise ValueError(
+                f"{key}.{name} sets {', '.join(value)} but has no _target_: {name} is not among "
+                f"the chosen {key} (e.g. {key}=none); choose it (conf/{key}/{name}.yaml) or drop "
+                "those keys."
+            )
+        built.append(instantiate(value))
+    return built
 
 
 def _check_config(cfg: DictConfig) -> None:
@@ -128,8 +140,8 @@ def build(cfg: DictConfig) -> Run:
     module = make_module(backbone=backbone, diffusion=diffusion, run_config=run_config)
     trainer = instantiate(
         cfg.trainer,
-        callbacks=_instantiate_all(cfg.get("callbacks")),
-        logger=[guard_logger(lg) for lg in _instantiate_all(cfg.get("logger"))] or False,
+        callbacks=_instantiate_all(cfg.get("callbacks"), "callbacks"),
+        logger=[guard_logger(lg) for lg in _instantiate_all(cfg.get("logger"), "logger")] or False,
     )
     datamodule.check_training_batches(trainer.world_size)  # also loads the splits
     _check_not_ddp_in_local_sweep(trainer)
