@@ -96,11 +96,11 @@ def test_a_failing_logger_is_reported_once_and_training_goes_on(compose_cfg, mon
     monkeypatch.setattr(ExperimentWriter, "log_metrics", full_disk)
     run = build(compose_cfg([*FAST, "logger=csv"]))
     with pytest.warns(
-        UserWarning, match=r"logger CSVLogger failed in log_metrics .*No space left"
+        UserWarning, match=r"logger ResumableCSVLogger failed in log_metrics .*No space left"
     ) as w:
         run.trainer.fit(run.module, datamodule=run.datamodule)
     assert run.trainer.global_step == 4 and len(calls) > 1
-    assert sum("logger CSVLogger failed" in str(m.message) for m in w) == 1
+    assert sum("logger ResumableCSVLogger failed" in str(m.message) for m in w) == 1
 
 
 @pytest.mark.parametrize(

@@ -105,6 +105,8 @@ def test_killed_and_continued_runs_reproduce_the_uninterrupted_one(tmp_path, uni
     logged.update(losses(run_dir))
     train(run_dir, "ckpt_path=auto", *keys)
     assert_same_as(uninterrupted, run_dir, 11, logged)
+    # metrics.csv kept the rows of every process (the last row of a step is the latest run's)
+    assert losses(run_dir) == {**logged, **losses(run_dir)} and min(losses(run_dir)) == 0
 
 
 @pytest.mark.slow

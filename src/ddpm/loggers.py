@@ -1,8 +1,10 @@
-"""Logger factories that need more than a `_target_` (wandb that never prompts or hangs), a guard
-that keeps a failing logger from ending a run, and how the commands log their results."""
+"""Logger factories that need more than a `_target_` (wandb that never prompts or hangs, a CSV
+logger that keeps a resumed run's earlier rows), a guard that keeps a failing logger from ending a
+run, and how the commands log their results."""
 
 from __future__ import annotations
 
+import csv
 import functools
 import netrc
 import os
@@ -11,8 +13,35 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that a metrics.csv already in the folder (a run resumed in
+    its own folder, `ckpt_path=auto`) is continued, not deleted: its columns are read first, so
+    that new ones rewrite the header over the old rows, as within one process."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = sorted(next(csv.reader(file), []))
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's CSVLogger whose metrics.csv keeps the rows of earlier processes of the run
+    (Lightning's own deletes the file when a resumed run opens it). Rows a killed run logged after
+    its last checkpoint stay, and the resumed run logs those steps again below them."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def wandb_credentials_found() -> bool:
