@@ -46,16 +46,11 @@ def choice_or(choice: str | None, default: str) -> str:
     return default if choice in (None, "None", "null") else choice
 
 
-def output_channels(channels: int, variance: str) -> int:
-    """`${output_channels:C,VARIANCE}`: the backbone's output channels, 2C with a learned
-    variance."""
-    from ddpm.diffusion import output_channels as channels_for
-
-    return channels_for(channels, variance)
-
-
 def register_resolvers() -> None:
-    """Register the resolvers the configs use (again is harmless)."""
+    """Register the resolvers the configs use (again is harmless); `${output_channels:C,VARIANCE}`
+    is the backbone's output channels, 2C with a learned variance."""
+    from ddpm.diffusion import output_channels
+
     for name, resolver in (
         ("short_dirname", short_dirname),
         ("launcher", launcher_setting),

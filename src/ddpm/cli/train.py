@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 import sys
@@ -219,7 +218,7 @@ def eval_config(cfg: DictConfig) -> dict[str, DictConfig] | None:
     run before training."""
     if not cfg.get("eval_after_fit"):
         return None
-    base = OmegaConf.masked_copy(cfg.eval, [k for k in cfg.eval if k != "variants"])
+    eval_keys = [k for k in cfg.eval if k != "variants"]
     asked = cfg.eval.get("variants")
     variants = {"": {}, **(OmegaConf.to_container(asked, resolve=True) if asked else {})}
     trained = OmegaConf.to_container(cfg.diffusion, resolve=True)
@@ -227,8 +226,8 @@ def eval_config(cfg: DictConfig) -> dict[str, DictConfig] | None:
     configs = {}
     for name, keys in variants.items():
         key_prefix = f"eval.variants.{name}." if name else "eval."
-        evaluation = copy.deepcopy(base)
-        OmegaConf.set_struct(evaluation, True)
+        evaluation = OmegaConf.masked_copy(cfg.eval, eval_keys)  # a new node per variant
+        OmegaConf.set_struct(evaluation, True)  # an unknown key is an error
         try:
             evaluation.merge_with(keys or {})
         except OmegaConfBaseException as error:
