@@ -60,7 +60,7 @@ def test_the_wheel_installs_configs_and_commands_that_run_anywhere(tmp_path: Pat
     assert where.startswith(site), where  # the installed copy, not the repository's
     run(["ddpm-train", "experiment=smoke", "logger=none", "hydra.run.dir=run"], elsewhere, env)
     ckpt = elsewhere / "run" / "checkpoints" / "last.ckpt"
-    run(["ddpm-sample", f"ckpt_path={ckpt}", "num_samples=4", "sampler=ddim", "steps=5",
+    run(["ddpm-sample", f"ckpt_path={ckpt}", "num_samples=4", "sampler=ddim", "sampler.steps=5",
          "hydra.run.dir=sampled"], elsewhere, env)  # fmt: skip
     assert (elsewhere / "sampled" / "samples.npz").is_file()
 

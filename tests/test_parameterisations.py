@@ -343,7 +343,7 @@ def test_a_learned_variance_checkpoint_samples_and_evaluates(compose_cfg, tmp_pa
     for key in ("train/loss", "train/mse", "train/vb", "train/loss_q0", "val/loss"):
         assert any(r.get(key) for r in rows), key
     for i, overrides in enumerate(
-        (["sampler=respaced", "steps=5", "trajectory=true"], ["sampler=ddim", "steps=5"])
+        (["sampler.steps=5", "trajectory=true"], ["sampler=ddim", "sampler.steps=5"])
     ):
         out = tmp_path / f"sample{i}"
         sample(compose_cfg([f"ckpt_path={ckpt}", "num_samples=4", *overrides], "sample"), out)

@@ -65,7 +65,7 @@ EXTRA = {
         "paths.data_dir=mnist-files",
         "data.val_size=8",  # the fake MNIST has 40 training images
     ],
-    "ddpm-sample ckpt_path=$CK sampler=respaced steps=100": ["steps=10"],  # T is 50 here
+    "ddpm-sample ckpt_path=$CK sampler.steps=100": ["sampler.steps=10"],  # T is 50 here
     "ddpm-sample ckpt_path=$CK variance=tilde_beta trajectory=true num_samples=1000": [
         "num_samples=16"
     ],
@@ -425,8 +425,8 @@ TRUTH_COMMANDS = {
     "gaussianity.t_points=20": [
         "gaussianity.timesteps=[5]", "gaussianity.num_samples=200", "gaussianity.t_points=3",
     ],
-    "ddpm-sample backbone=oracle data=gmm sampler=ddim steps=10": [],
-    "ddpm-eval backbone=oracle data=gmm sampler=respaced steps=10": [],
+    "ddpm-sample backbone=oracle data=gmm sampler=dpm_solver sampler.steps=10": [],
+    "ddpm-eval backbone=oracle data=gmm sampler=dpm_solver sampler.steps=10": [],
     "ddpm-sample backbone=oracle backbone.distribution=train data=digits": [
         "timesteps=50", "num_samples=32",
     ],
@@ -442,7 +442,7 @@ def test_true_reverse_process_commands(tmp_path: Path) -> None:
     (a perfect network: DDPM's distance to the data at the floor, memorised digits)."""
     listed = commands("The true reverse process")
     assert listed == list(TRUTH_COMMANDS), listed
-    train_gmm, truth_model, gaps_gmm, gaps_digits, ddim, respaced, memorise = TRUTH_COMMANDS
+    train_gmm, truth_model, gaps_gmm, gaps_digits, solver, solver_eval, memorise = TRUTH_COMMANDS
 
     def words(command: str, *more: str) -> list[str]:
         found = with_overrides(command, [*TRUTH_COMMANDS[command], *more])
@@ -459,8 +459,8 @@ def test_true_reverse_process_commands(tmp_path: Path) -> None:
         "truth-later": words(truth_model, last("later")),
         "gaps-gmm": words(gaps_gmm),
         "gaps-digits": words(gaps_digits),
-        "ddim": words(ddim),
-        "respaced": words(respaced),
+        "solver": words(solver),
+        "solver-eval": words(solver_eval),
         "memorise": words(memorise),
     }  # fmt: skip
     lines = [[*w, f"hydra.run.dir={tmp_path / name}"] for name, w in runs.items()]
@@ -511,9 +511,10 @@ def test_true_reverse_process_commands(tmp_path: Path) -> None:
     assert json.loads((digits / "gaussianity.json").read_text())["dim"] == 64
     assert (digits / "gaussianity.png").is_file() and (digits / "gaussianity.csv").is_file()
 
-    # a perfect network: DDIM's samples and the respaced chain's distance to the data
-    assert (tmp_path / "ddim" / "samples.npz").is_file()
-    metrics = json.loads((tmp_path / "respaced" / "metrics.json").read_text())
+    # a perfect network: DPM-Solver++'s samples in 10 calls and their distance to the data
+    assert (tmp_path / "solver" / "samples.npz").is_file()
+    metrics = json.loads((tmp_path / "solver-eval" / "metrics.json").read_text())
+    assert metrics["network_calls"] == 10
     distance = metrics["energy_distance"]
     assert distance["model"] < distance["gaussian_baseline"] / 2, distance
     # the empirical distribution's oracle regenerates training digits, level for level

@@ -21,7 +21,7 @@ def test_sample_cli_writes_grid_npz_and_trajectory(digits_ckpt: Path, tmp_path: 
     args = [
         f"ckpt_path={digits_ckpt}",
         "sampler=ddim",
-        "steps=10",
+        "sampler.steps=10",
         "trajectory=true",
         "variance=tilde_beta",
         "num_samples=6",
@@ -130,8 +130,7 @@ def test_sample_seed_clip_denoised_and_compile_follow_the_config(
             f"ckpt_path={ckpt}",
             "num_samples=300",
             "batch_size=300",
-            "sampler=respaced",
-            "steps=10",
+            "sampler.steps=10",
         ]
         cfg = compose_cfg([*base, *overrides], config_name="sample")
         return np.load(sample(cfg, tmp_path / name) / "samples.npz")["samples"]
@@ -222,7 +221,7 @@ def test_fid_and_kid_from_a_local_weights_file(digits_ckpt: Path, compose_cfg, t
 def test_torchrun_splits_sampling_and_the_bound_over_processes(digits_ckpt: Path, tmp_path) -> None:
     """Two CPU processes (torchrun) share the batches and gather them: the samples and the bound
     are those of one process, to the bit."""
-    common = [f"ckpt_path={digits_ckpt}", "batch_size=2", "sampler=respaced", "steps=10"]
+    common = [f"ckpt_path={digits_ckpt}", "batch_size=2", "sampler.steps=10"]
     commands = {
         "ddpm.cli.sample": [*common, "num_samples=5"],
         "ddpm.cli.evaluate": [*common, "max_examples=5", "fid.enabled=false"],

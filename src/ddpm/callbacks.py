@@ -21,6 +21,8 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from ddpm.checks import check_int
 from ddpm.figures import schedule_figure
 from ddpm.module import is_logged_step
+from ddpm.samplers import Ancestral
+from ddpm.sampling import build_sampler
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +68,10 @@ class SampleGrid(pl.Callback):
         trajectory_every: int = 0,
         score: bool = False,
         cache_dir: str = "data",
+        sampler: Any = None,
     ) -> None:
         check_int("callbacks.samples.num_samples", num_samples)
+        self.sampler = build_sampler(sampler or Ancestral(), "callbacks.samples.sampler")
         check_int("callbacks.samples.trajectory_every", trajectory_every, minimum=0)
         self.dirpath = Path(dirpath)
         self.num_samples = num_samples
@@ -95,7 +99,7 @@ class SampleGrid(pl.Callback):
         generator = torch.Generator().manual_seed(self.seed)
         data = trainer.datamodule
         samples, trajectory = pl_module.sample_with_trajectory(
-            self.num_samples, generator, points, data.trajectory_examples
+            self.num_samples, generator, points, data.trajectory_examples, self.sampler
         )
         step = trainer.global_step
         image = data.show(samples, title=f"step {step}")

@@ -5,13 +5,30 @@ from __future__ import annotations
 
 import hashlib
 import re
+from importlib.resources import files
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 # The shipped configs (the repository's conf/, installed as the package ddpm.conf).
 CONFIG_MODULE = "ddpm.conf"
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
+
+
+def group_option(group: str, name: str, key: str) -> DictConfig:
+    """The node of the shipped `conf/<group>/<name>.yaml` (a config group's option named in a
+    plain value, e.g. an eval variant's `sampler: dpm_solver`); a one-sentence ValueError naming
+    `key` and the options for a name that is not one."""
+    folder = files(CONFIG_MODULE) / group
+    options = sorted(  # the options that build something (not an old name kept to refuse it)
+        p.name.removesuffix(".yaml")
+        for p in folder.iterdir()
+        if p.name.endswith(".yaml") and "_target_" in p.read_text()
+    )
+    if not (folder / f"{name}.yaml").is_file():
+        raise ValueError(f"{key}={name!r} is unknown: allowed are {', '.join(options)}.")
+    return OmegaConf.create((folder / f"{name}.yaml").read_text())
+
 
 # What a folder name keeps: what Hydra's override grammar reads as a plain value and a shell
 # passes unquoted, so that any path we write can be pasted into any command as it is.

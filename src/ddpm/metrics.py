@@ -183,6 +183,29 @@ class InceptionFeatures(torch.nn.Module):
         return self.inception(images.expand(-1, 3, -1, -1))
 
 
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """FID between two sets of features [N, D] (float64): |mu_a - mu_b|^2 + tr(S_a + S_b -
+    2 (S_a S_b)^(1/2)), the trace of the root as the sum of the roots of S_a S_b's eigenvalues."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    roots = torch.linalg.eigvals(cov_a @ cov_b).real.clamp(min=0).sqrt().sum()
+    return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * roots).item()
+
+
+def fid_bootstrap_std(
+    samples: torch.Tensor, reference: torch.Tensor, draws: int = 100, seed: int = 0
+) -> float:
+    """The spread of FID over the samples: the standard deviation of the Frechet distance of
+    `draws` resamples (with replacement) of the samples' features against the reference's."""
+    generator = torch.Generator().manual_seed(seed)
+    n = len(samples)
+    values = [
+        frechet_distance(samples[torch.randint(n, (n,), generator=generator)], reference)
+        for _ in range(draws)
+    ]
+    return float(torch.tensor(values).std())
+
+
 def fid_kid(
     samples: torch.Tensor,
     reference: torch.Tensor,
@@ -224,8 +247,15 @@ def fid_kid(
         fid.reset(), kid.reset()  # the reference's features are kept
         add(held_out[:n_floor], real=False)
         floor = compute()
+        embed = [
+            torch.cat(
+                [features(b.to(device)).double().cpu() for b in x.clamp(-1, 1).split(batch_size)]
+            )
+            for x in (samples, reference)
+        ]
     return {
         "fid": model[0],
+        "fid_bootstrap_std": fid_bootstrap_std(*embed, seed=seed),
         "fid_floor": floor[0],
         "kid_mean": model[1],
         "kid_std": model[2],

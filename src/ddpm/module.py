@@ -16,7 +16,8 @@ from torch import nn
 
 from ddpm.checks import check_choice, check_int
 from ddpm.diffusion import GaussianDiffusion, ImportanceTimesteps
-from ddpm.sampling import Trajectory, run_chain
+from ddpm.samplers import Ancestral, Sampler
+from ddpm.sampling import Trajectory, run_sampler
 from ddpm.truth import loss_floor
 
 log = logging.getLogger(__name__)
@@ -237,7 +238,7 @@ class DiffusionModule(pl.LightningModule):
         self.log("test/loss", loss, sync_dist=True, batch_size=batch[0].shape[0])
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw `num_samples` examples with the ancestral sampler (Algorithm 2)."""
+        """Draw `num_samples` examples with the ancestral sampler (Algorithm 2, all T steps)."""
         return self.sample_with_trajectory(num_samples, generator)[0]
 
     @torch.no_grad()
@@ -247,13 +248,16 @@ class DiffusionModule(pl.LightningModule):
         generator: torch.Generator | None = None,
         points: int = 0,
         trajectory_examples: int = 8,
+        sampler: Sampler | None = None,
     ) -> tuple[torch.Tensor, Trajectory]:
-        """Samples, and (t, x_t, predicted x_0) of the first `trajectory_examples` at `points`
-        times along the chain (`ddpm.sampling.run_chain`), with the backbone in eval mode."""
+        """Samples by `sampler` (None: ancestral, all T steps), and (t, x_t, predicted x_0) of
+        the first `trajectory_examples` at `points` of its steps (`ddpm.sampling.run_sampler`),
+        with the backbone in eval mode."""
         was_training = self.backbone.training
         self.backbone.eval()
         try:
-            return run_chain(
+            return run_sampler(
+                sampler or Ancestral(),
                 self.diffusion,
                 self.backbone,
                 (num_samples, *self.backbone.data_shape),

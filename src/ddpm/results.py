@@ -19,8 +19,9 @@ RESULTS_FILE = "results.json"
 # Keys that do not change what a run computes, left out of its digest.
 VOLATILE_KEYS = ("ckpt_path", "paths", "logger", "run_name", "tags")
 # The metrics a table shows, when the runs have them: val/loss, val/bpd, the sample scores during
-# training (val/fid, val/kid) and everything eval_after_fit measured (test/...).
-TABLE_METRICS = ("val/loss", "val/bpd", "val/fid", "val/kid", "test/")
+# training (val/fid, val/kid), everything eval_after_fit measured (test/...) and, in a sweep of
+# ddpm-eval, what it measured (eval/...).
+TABLE_METRICS = ("val/loss", "val/bpd", "val/fid", "val/kid", "test/", "eval/")
 PLOTTED = ("loss", "bpd", "fid", "energy_distance")  # results.png: these against the swept keys
 
 
@@ -38,6 +39,27 @@ def _write_atomically(path: Path, data: bytes) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.write_bytes(data)
     temporary.replace(path)
+
+
+def headline_metrics(found: dict[str, Any], prefix: str = "test/") -> dict[str, float]:
+    """The numbers a table shows of what ddpm-eval measured (its metrics.json), as
+    `<prefix><name>`: the bound, FID with its floor and bootstrap spread, KID, the energy
+    distance and the network calls per sample."""
+    fid = found.get("fid") or {}
+    values = {
+        "bpd": found.get("bpd"),
+        "fid": fid.get("fid"),
+        "fid_floor": fid.get("fid_floor"),
+        "fid_bootstrap_std": fid.get("fid_bootstrap_std"),
+        "kid": fid.get("kid_mean"),
+        "kid_floor": fid.get("kid_floor_mean"),
+        "energy_distance": (found.get("energy_distance") or {}).get("model"),
+        "energy_distance_floor": (found.get("energy_distance") or {}).get(
+            "floor_two_held_out_draws"
+        ),
+        "network_calls": found.get("network_calls"),
+    }
+    return {prefix + k: float(v) for k, v in values.items() if v is not None}
 
 
 def write_run_results(output_dir: str | Path, record: dict[str, Any]) -> None:

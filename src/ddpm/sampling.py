@@ -1,62 +1,101 @@
-"""Sampling: reverse chains with their trajectories, and batched seeded generation from a trained
-model (the same samples with any number of torchrun processes). The chain itself is
-`GaussianDiffusion.sample_steps`; noise draws are `ddpm.diffusion.normal_draws`."""
+"""Sampling from a trained model: the sampler of a `conf/sampler/<name>.yaml` node, checked before
+any work, and batched seeded generation with trajectories (the same samples with any number of
+torchrun processes). The samplers themselves are `ddpm.samplers`."""
 
 from __future__ import annotations
 
+import inspect
 import logging
+from typing import Any
 
 import numpy as np
 import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
 
 from ddpm.checkpoint import Trained
-from ddpm.checks import check_choice, check_int
+from ddpm.checks import check_int
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.distributed import batch_seed, gather_in_order, my_share, world
+from ddpm.samplers import DDIM, Ancestral, DPMSolver, Sampler
+
+SAMPLERS = (Ancestral, DDIM, DPMSolver)
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("ancestral", "ddim", "respaced")
 Trajectory = list[tuple[int, torch.Tensor, torch.Tensor]]
 
 
-def sampling_chain(
-    diffusion: GaussianDiffusion, sampler: str, steps: int | None, eta: float
-) -> tuple[GaussianDiffusion, float | None]:
-    """The chain to run and its DDIM eta (None: ancestral steps) for a sampler choice."""
-    check_choice("sampler", sampler, SAMPLERS)
-    if sampler == "ancestral":
-        return diffusion, None
-    if sampler == "respaced":
-        if steps is None:
-            raise ValueError("sampler=respaced needs steps=K, the number of steps to keep.")
-        return diffusion.respace(steps), None
-    if not 0.0 <= eta <= 1.0:  # ddim
-        raise ValueError(f"eta={eta!r} is invalid: it must lie in [0, 1].")
-    return diffusion.respace(steps or diffusion.num_timesteps), eta
+def old_spelling(node: Any, steps: Any = None, eta: Any = None, key: str = "sampler") -> None:
+    """A one-sentence ValueError giving the new spelling of the keys of before the sampler was a
+    config group: `sampler=respaced` (conf/sampler/respaced.yaml says `renamed`) and the top-level
+    `steps=` and `eta=`."""
+    renamed = isinstance(node, (dict, DictConfig)) and bool(node.get("renamed"))
+    if not renamed and steps is None and eta is None:
+        return
+    name = "ancestral" if renamed else get_class(node["_target_"]).option
+    prefix = key.removesuffix("sampler")
+    old = [f"{key}=respaced"] if renamed else []
+    new = [f"{key}={name}"]
+    for old_key, value in (("steps", steps), ("eta", eta)):
+        if value is not None:
+            old.append(f"{prefix}{old_key}={value}")
+            new.append(f"{key}.{old_key}={value}")
+    raise ValueError(
+        f"{' '.join(old)} is now written {' '.join(new)}: the sampler is a config group "
+        "(conf/sampler/: ancestral, ddim, dpm_solver) with its own keys."
+    )
+
+
+def build_sampler(node: Any, key: str = "sampler") -> Sampler:
+    """The sampler a `conf/sampler` node describes (or the sampler itself): a one-sentence
+    ValueError for a key the sampler does not have, naming its keys, and for a bad value."""
+    if isinstance(node, Sampler):
+        return node
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    if not isinstance(node, dict) or "_target_" not in node:
+        raise ValueError(
+            f"{key}={node!r} is not a sampler: choose one with {key}=ancestral|ddim|dpm_solver."
+        )
+    old_spelling(node, key=key)
+    kwargs = {k: v for k, v in node.items() if k != "_target_"}
+    cls = get_class(node["_target_"])
+    allowed = list(inspect.signature(cls).parameters)
+    for name, value in kwargs.items():
+        if name not in allowed:
+            owners = [c.option for c in SAMPLERS if name in inspect.signature(c).parameters]
+            raise ValueError(
+                f"{key}.{name}={value!r} is not a key of {key}={cls.option}: its keys are "
+                f"{', '.join(allowed)}"
+                + (f" ({name} is a key of {key}={' and '.join(owners)})." if owners else ".")
+            )
+    return cls(**kwargs)
+
+
+def sampler_of(cfg: DictConfig, key: str = "sampler") -> Sampler:
+    """The sampler of a command's config (`sampler`, refusing the old top-level `steps`, `eta`)."""
+    old_spelling(cfg.sampler, cfg.get("steps"), cfg.get("eta"), key)
+    return build_sampler(cfg.sampler, key)
 
 
 def check_sampling(
-    diffusion: GaussianDiffusion,
-    num_samples: int,
-    batch_size: int,
-    sampler: str,
-    steps: int | None,
-    eta: float,
-) -> tuple[GaussianDiffusion, float | None]:
-    """Check the sampling settings (one-sentence ValueErrors) and return `sampling_chain`'s."""
+    diffusion: GaussianDiffusion, num_samples: int, batch_size: int, sampler: Any
+) -> Sampler:
+    """Check the sampling settings against the trained chain (one-sentence ValueErrors) and
+    return the sampler."""
     check_int("num_samples", num_samples)
     check_int("batch_size", batch_size)
-    return sampling_chain(diffusion, sampler, steps, eta)
+    sampler = build_sampler(sampler)
+    sampler.timesteps(diffusion)  # steps that this chain cannot take are refused here
+    return sampler
 
 
 def generate(
     trained: Trained,
     num_samples: int,
     batch_size: int,
-    sampler: str = "ancestral",
-    steps: int | None = None,
-    eta: float = 0.0,
+    sampler: Any,
     clip_denoised: bool = True,
     seed: int = 0,
     trajectory_points: int = 0,
@@ -64,12 +103,10 @@ def generate(
 ) -> tuple[torch.Tensor, Trajectory]:
     """`num_samples` samples in batches (batch i seeded by `batch_seed(seed, i)`, so the samples
     are the same with any number of processes), and (t, x_t, predicted x_0) of the first batch's
-    first few samples at `trajectory_points` times evenly spread along the chain."""
-    chain, eta_or_none = check_sampling(
-        trained.diffusion, num_samples, batch_size, sampler, steps, eta
-    )
+    first few samples at `trajectory_points` times evenly spread along the sampler's steps."""
+    sampler = check_sampling(trained.diffusion, num_samples, batch_size, sampler)
     backbone = trained.backbone.to(device)
-    chain = chain.to(device)
+    diffusion = trained.diffusion.to(device)
     shape = tuple(backbone.data_shape)
     keep = trained.datamodule.trajectory_examples
     starts = range(0, num_samples, batch_size)
@@ -78,13 +115,13 @@ def generate(
         log.info(f"sampling {len(starts)} batches on {size} processes")
     done = []
     for index, start in my_share(starts):  # every process its share, when torchrun started many
-        x, marked = run_chain(
-            chain,
+        x, marked = run_sampler(
+            sampler,
+            diffusion,
             backbone,
             (min(batch_size, num_samples - start), *shape),
             torch.Generator().manual_seed(batch_seed(seed, index)),
             clip_denoised,
-            eta_or_none,
             trajectory_points if start == 0 else 0,
             keep,
             progress=True,
@@ -94,25 +131,29 @@ def generate(
     return torch.cat([x for x, _ in batches]), batches[0][1]
 
 
-def run_chain(
-    chain: GaussianDiffusion,
+@torch.no_grad()
+def run_sampler(
+    sampler: Sampler,
+    diffusion: GaussianDiffusion,
     backbone: torch.nn.Module,
     shape: tuple[int, ...],
     generator: torch.Generator | None,
     clip_denoised: bool,
-    eta: float | None = None,
     trajectory_points: int = 0,
     trajectory_examples: int = 8,
     progress: bool = False,
 ) -> tuple[torch.Tensor, Trajectory]:
-    """Run the reverse chain once: x_0, and (t, x_t, predicted x_0) of the first
-    `trajectory_examples` samples at `trajectory_points` times evenly spread along the chain
-    (t counted on the original chain)."""
-    marks = set(np.linspace(chain.num_timesteps - 1, 0, trajectory_points).round().astype(int))
+    """Sample once from x_T, the generator's first draw (on its device, moved to the chain's):
+    x_0, and (t, x_t, predicted x_0) of the first `trajectory_examples` samples at
+    `trajectory_points` of the sampler's steps evenly spread (t on the trained chain)."""
+    K = len(sampler.timesteps(diffusion))
+    marks = set(np.linspace(0, K - 1, trajectory_points).round().astype(int))
+    source = generator.device if generator is not None else torch.device("cpu")
+    x_T = torch.randn(shape, generator=generator, device=source).to(diffusion.betas.device)
     trajectory = []
-    steps = chain.sample_steps(backbone, shape, generator, clip_denoised, progress, eta=eta)
-    for i, x, pred_x0 in steps:
-        if i in marks:
+    steps = sampler.iterate(backbone, diffusion, x_T, generator, clip_denoised, progress)
+    for j, (t, x, pred_x0) in enumerate(steps):
+        if j in marks:
             keep = trajectory_examples
-            trajectory.append((int(chain.timestep_map[i]), x[:keep].cpu(), pred_x0[:keep].cpu()))
+            trajectory.append((t, x[:keep].cpu(), pred_x0[:keep].cpu()))
     return x, trajectory

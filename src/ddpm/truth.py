@@ -331,16 +331,14 @@ class Oracle(nn.Module):
         if self.distribution.means.device != x.device:
             self.distribution = self.distribution.to(x.device)
         diffusion, x64 = self.diffusion, x.double()
+        p, k = diffusion.parameterisation, diffusion.coefficients(t, x64)
         x0 = self.distribution.denoise(diffusion, x64, t)
-        prediction = diffusion.loss_target(x0, x64, t, diffusion.predict_eps_from_x0(x64, t, x0))
+        prediction = p.target(k, x0, x64, p.eps(k, x0, x64))
         if not diffusion.learned_variance:
             return prediction.to(x.dtype)
         log_variance = self.distribution.reverse_variance(diffusion, x64, t).log()
-        if diffusion.variance == "learned_range":
-            low = diffusion._extract(diffusion.posterior_log_variance_clipped, t, x64)
-            high = diffusion._extract(diffusion.log_betas, t, x64)
-            log_variance = 2 * (log_variance - low) / (high - low) - 1
-        return torch.cat([prediction, log_variance], dim=1).to(x.dtype)
+        values = p.values(k, log_variance)
+        return torch.cat([prediction, values], dim=1).to(x.dtype)
 
 
 def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:

@@ -34,7 +34,8 @@ from ddpm.metrics import (
     point_distances,
     score_features,
 )
-from ddpm.sampling import check_sampling, generate
+from ddpm.results import headline_metrics, write_run_results
+from ddpm.sampling import check_sampling, generate, sampler_of
 
 
 def check_split(split: str, key: str = "split") -> str:
@@ -65,13 +66,11 @@ def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             check_split(cfg.fid.reference_split, "fid.reference_split")
             check_choice("fid.features", cfg.fid.features, FEATURES)
         num_samples = (cfg.fid.num_samples or 1) if fid_wanted else len(data)
-        check_sampling(
-            trained.diffusion, num_samples, cfg.batch_size, cfg.sampler, cfg.steps, cfg.eta
-        )
+        sampler = check_sampling(trained.diffusion, num_samples, cfg.batch_size, sampler_of(cfg))
     device = pick_device(cfg.device)
     if cfg.max_examples is not None:
         data = data[: cfg.max_examples]
-    sampling = dict(sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, clip_denoised=clip)
+    sampling = dict(sampler=sampler, clip_denoised=clip)
     metrics: dict[str, Any] = {
         "ckpt_path": str(cfg.ckpt_path),
         "split": cfg.split,
@@ -79,6 +78,8 @@ def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "prediction": trained.diffusion.prediction,
         "timesteps": trained.diffusion.num_timesteps,
         "clip_denoised": clip,
+        "sampler": {"name": sampler.option, **vars(sampler)},
+        "network_calls": len(sampler.timesteps(trained.diffusion)),  # per sample
     }
     if "bpd" in datamodule.scores and cfg.bpd:
         bound = bound_bpd(
@@ -122,6 +123,11 @@ def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         return metrics  # rank 0 writes and logs
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    # a sweep's table (results.md, results.png) has a row for this job, as for train.py's
+    write_run_results(
+        output_dir,
+        {"metrics": headline_metrics(metrics, "eval/"), "wall_seconds": metrics["seconds"]},
+    )
     flat = flatten_numbers(metrics)
     log_results(cfg.get("logger"), metrics, prefix="eval")
     print("\n".join(f"{k:<45} {v:.4f}" for k, v in flat.items()))

@@ -15,7 +15,7 @@ from ddpm.checkpoint import load_trained_for, pick_device
 from ddpm.cli.common import quiet_known_noise, user_errors
 from ddpm.config import CONFIG_PATH
 from ddpm.distributed import world
-from ddpm.sampling import check_sampling, generate
+from ddpm.sampling import check_sampling, generate, sampler_of
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +25,14 @@ def sample(cfg: DictConfig, output_dir: Path) -> Path:
     with user_errors():  # every check, before the long work
         trained = load_trained_for(cfg)
         clip = trained.clip_denoised(cfg.clip_denoised)
-        check_sampling(
-            trained.diffusion, cfg.num_samples, cfg.batch_size, cfg.sampler, cfg.steps, cfg.eta
+        sampler = check_sampling(
+            trained.diffusion, cfg.num_samples, cfg.batch_size, sampler_of(cfg)
         )
     samples, trajectory = generate(
         trained,
         cfg.num_samples,
         cfg.batch_size,
-        cfg.sampler,
-        cfg.steps,
-        cfg.eta,
+        sampler,
         clip,
         cfg.seed,
         trajectory_points=10 if cfg.trajectory else 0,
@@ -48,7 +46,7 @@ def sample(cfg: DictConfig, output_dir: Path) -> Path:
     np.savez(output_dir / "samples.npz", **data.store(samples))
     if trajectory:
         Image.fromarray(data.show_trajectory(trajectory)).save(output_dir / "trajectory.png")
-    log.info(f"{len(samples)} samples ({cfg.sampler}) written to {output_dir}")
+    log.info(f"{len(samples)} samples ({sampler.option}) written to {output_dir}")
     return output_dir
 
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException
 
 from ddpm.backbones import compile_backbone, set_channels_last, set_matmul_precision
-from ddpm.callbacks import NanGuard, NonFiniteLossError
+from ddpm.callbacks import NanGuard, NonFiniteLossError, SampleGrid
 from ddpm.checkpoint import (
     ORACLE_TARGET,
     check_same_model,
@@ -30,12 +30,12 @@ from ddpm.checkpoint import (
 )
 from ddpm.cli.common import quiet_known_noise, user_errors
 from ddpm.cli.evaluate import check_split, evaluate
-from ddpm.config import CONFIG_PATH
+from ddpm.config import CONFIG_PATH, group_option
 from ddpm.diffusion import output_channels
 from ddpm.loggers import finish_wandb, guard_logger
 from ddpm.module import DiffusionModule
-from ddpm.results import config_digest, read_run_results, write_run_results
-from ddpm.sampling import check_sampling
+from ddpm.results import config_digest, headline_metrics, read_run_results, write_run_results
+from ddpm.sampling import check_sampling, sampler_of
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,11 @@ def build(cfg: DictConfig) -> Run:
     for callback in trainer.callbacks:
         if isinstance(callback, NanGuard):
             callback.check_processes(trainer.world_size)
+        if isinstance(callback, SampleGrid):
+            try:  # steps the trained chain cannot take
+                callback.sampler.timesteps(module.diffusion)
+            except ValueError as error:  # its message starts with the key
+                raise ValueError(f"callbacks.samples.{error}") from error
     num_params = sum(p.numel() for p in backbone.parameters())
     log.info(f"backbone {_choice('backbone')}: {num_params:,} parameters ({num_params / 1e6:.1f}M)")
     return Run(datamodule, module, trainer, ckpt_path)
@@ -211,6 +216,25 @@ def finished_before(cfg: DictConfig) -> dict[str, Any] | None:
     return None
 
 
+def apply_variant(evaluation: DictConfig, keys: dict[str, Any], key_prefix: str) -> None:
+    """An `eval.variants` entry's keys over the eval node, written as on ddpm-eval's command line:
+    `sampler: dpm_solver` chooses that option of conf/sampler/, a dotted key (`sampler.steps: 10`)
+    sets one key; a key ddpm-eval does not have is a one-sentence error."""
+    sampler = keys.pop("sampler", None)
+    if isinstance(sampler, str):
+        evaluation.sampler = group_option("sampler", sampler, f"{key_prefix}sampler")
+    elif sampler is not None:
+        keys["sampler"] = sampler
+    for key, value in keys.items():
+        try:
+            OmegaConf.update(evaluation, key, value, merge=True)
+        except OmegaConfBaseException as error:
+            missing = getattr(error, "full_key", None) or key
+            raise ValueError(
+                f"{key_prefix}{missing} is not a key of ddpm-eval (conf/eval.yaml, conf/sampler/)."
+            ) from error
+
+
 def eval_config(cfg: DictConfig) -> dict[str, DictConfig] | None:
     """With `eval_after_fit`: the run's `eval` node (every key of ddpm-eval, composed by Hydra from
     the same files) with the run's own last.ckpt, under the name "", and one config per
@@ -228,13 +252,7 @@ def eval_config(cfg: DictConfig) -> dict[str, DictConfig] | None:
         key_prefix = f"eval.variants.{name}." if name else "eval."
         evaluation = OmegaConf.masked_copy(cfg.eval, eval_keys)  # a new node per variant
         OmegaConf.set_struct(evaluation, True)  # an unknown key is an error
-        try:
-            evaluation.merge_with(keys or {})
-        except OmegaConfBaseException as error:
-            key = getattr(error, "full_key", "?")
-            raise ValueError(
-                f"{key_prefix}{key} is not a key of ddpm-eval (conf/eval.yaml)."
-            ) from error
+        apply_variant(evaluation, dict(keys or {}), key_prefix)
         with open_dict(evaluation):
             evaluation.paths = cfg.paths  # the classifier cache under paths.data_dir
             evaluation.ckpt_path = str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
@@ -247,10 +265,7 @@ def eval_config(cfg: DictConfig) -> dict[str, DictConfig] | None:
             raise ValueError(f"{key_prefix}diffusion.{error}") from error
         try:
             check_split(evaluation.split)
-            check_sampling(
-                diffusion, 1, evaluation.batch_size, evaluation.sampler, evaluation.steps,
-                evaluation.eta,
-            )  # fmt: skip
+            check_sampling(diffusion, 1, evaluation.batch_size, sampler_of(evaluation))
         except ValueError as error:  # its message starts with the key
             raise ValueError(f"{key_prefix}{error}") from error
         configs[name] = evaluation
@@ -271,17 +286,7 @@ def evaluate_after_fit(
                 "write: keep callbacks.checkpoint (save_last) on."
             )
         found = evaluate(evaluation, output_dir / "eval" / name)
-        fid = found.get("fid") or {}
-        values = {
-            "bpd": found.get("bpd"),
-            "fid": fid.get("fid"),
-            "fid_floor": fid.get("fid_floor"),
-            "kid": fid.get("kid_mean"),
-            "kid_floor": fid.get("kid_floor_mean"),
-            "energy_distance": (found.get("energy_distance") or {}).get("model"),
-        }
-        prefix = f"test/{name}/" if name else "test/"
-        headline.update({prefix + k: float(v) for k, v in values.items() if v is not None})
+        headline.update(headline_metrics(found, f"test/{name}/" if name else "test/"))
     for logger in run.trainer.loggers:
         logger.log_metrics(headline, step=run.trainer.global_step)
         logger.save()

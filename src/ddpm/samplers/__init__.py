@@ -1,0 +1,18 @@
+"""Samplers of a trained chain: each a class with `timesteps(diffusion)` and `sample(model,
+diffusion, x_T, ...)`, the `_target_` of `conf/sampler/<name>.yaml`."""
+
+from ddpm.samplers.ancestral import Ancestral
+from ddpm.samplers.base import Sampler, normal_draws
+from ddpm.samplers.ddim import DDIM
+from ddpm.samplers.dpm_solver import DPMSolver
+from ddpm.samplers.spacing import SPACINGS, spaced_timesteps
+
+__all__ = [
+    "DDIM",
+    "SPACINGS",
+    "Ancestral",
+    "DPMSolver",
+    "Sampler",
+    "normal_draws",
+    "spaced_timesteps",
+]

@@ -1,0 +1,78 @@
+"""The DDPM reverse process (Ho et al. 2020, Algorithm 2), over all T steps or a respaced chain of
+K of them (improved-diffusion's respacing)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ddpm.checks import check_choice
+from ddpm.parameterisation import Coefficients, Parameterisation, combine, exp
+from ddpm.samplers.base import Model, Sampler, check_steps, run_chain
+from ddpm.samplers.spacing import SPACINGS
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from ddpm.diffusion import GaussianDiffusion
+
+
+def ancestral_step(
+    p: Parameterisation,
+    k: Coefficients,
+    output: torch.Tensor,
+    x: torch.Tensor,
+    noise: torch.Tensor,
+    clip_denoised: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 2, line 4: x_{t-1} = mu_theta(x_t, t) + sigma_t z (no noise at the last step);
+    returns it and the predicted x_0. `k` holds numbers (one step for the batch) or tensors (a
+    step per example)."""
+    mean, log_variance, x0 = p.reverse(k, output, x, clip_denoised)
+    return combine(1.0, mean, k.noise * exp(0.5 * log_variance), noise), x0
+
+
+def ancestral_chain(
+    chain: GaussianDiffusion,
+    model: Model,
+    x: torch.Tensor,
+    generator: torch.Generator | None = None,
+    clip_denoised: bool = False,
+    progress: bool = False,
+    **model_kwargs: Any,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Every step of `chain` from x = x_T by `ancestral_step`, its coefficients Python numbers
+    (`GaussianDiffusion.step_coefficients`); yields (chain step i, x_{i-1}, predicted x_0)."""
+    p, ks = chain.parameterisation, chain.step_coefficients()
+
+    def step(i: int, out: torch.Tensor, x: torch.Tensor, noise: torch.Tensor):  # noqa: ANN202
+        return ancestral_step(p, ks[i], out, x, noise, clip_denoised)
+
+    return run_chain(chain, model, x, step, generator, progress, **model_kwargs)
+
+
+class Ancestral(Sampler):
+    """`sampler=ancestral`: the DDPM reverse process with the trained variance; `steps` None: all
+    T steps (Algorithm 2); K: the chain over K of them placed by `spacing`, its betas recomputed
+    from abar so that q(x_t | x_0) is unchanged at each kept step (improved-diffusion)."""
+
+    option = "ancestral"  # its conf/sampler/<option>.yaml
+
+    def __init__(self, steps: int | None = None, spacing: str = "linspace") -> None:
+        check_choice("sampler.spacing", spacing, SPACINGS)
+        self.steps, self.spacing = check_steps(steps), spacing
+
+    def run(
+        self,
+        chain: GaussianDiffusion,
+        model: Model,
+        x_T: torch.Tensor,
+        generator: torch.Generator | None = None,
+        clip_denoised: bool = False,
+        progress: bool = False,
+        **model_kwargs: Any,
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        return ancestral_chain(
+            chain, model, x_T, generator, clip_denoised, progress, **model_kwargs
+        )

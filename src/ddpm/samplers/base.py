@@ -1,0 +1,152 @@
+"""What every sampler shares: noise draws, the loop over a chain's steps, `sample`."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ddpm.samplers.spacing import spaced_timesteps
+
+if TYPE_CHECKING:
+    from ddpm.diffusion import GaussianDiffusion
+
+Model = Callable[..., torch.Tensor]
+Step = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def normal_draws(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """Endless N(0, I) draws of `shape` from `generator` (the default CPU generator when None),
+    on `device`, each in the same reused tensor (valid until the next draw).
+
+    From a CPU generator to a GPU, two pinned host buffers take turns: the copy to the GPU does
+    not block, so drawing the next step's noise overlaps the GPU's work on this one.
+    """
+    source = generator.device if generator is not None else torch.device("cpu")
+    if source.type == device.type:
+        out = torch.empty(shape, device=device)
+        while True:
+            yield torch.randn(shape, generator=generator, device=device, out=out)
+    if source.type != "cpu" or device.type != "cuda":
+        while True:
+            yield torch.randn(shape, generator=generator, device=source).to(device)
+    host = [torch.empty(shape, pin_memory=True) for _ in range(2)]
+    copied: list[torch.cuda.Event | None] = [None, None]
+    out = torch.empty(shape, device=device)
+    for k in itertools.cycle((0, 1)):
+        if copied[k] is not None:
+            copied[k].synchronize()  # the copy from this buffer, two draws ago, is done
+        torch.randn(shape, generator=generator, out=host[k])
+        out.copy_(host[k], non_blocking=True)
+        copied[k] = torch.cuda.Event()
+        copied[k].record()
+        yield out
+
+
+def run_chain(
+    chain: GaussianDiffusion,
+    model: Model,
+    x: torch.Tensor,
+    step: Step,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    **model_kwargs: Any,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Every step i = T-1, ..., 0 of `chain` from x = x_T: out = model(x, timestep_map[i]), a
+    noise draw (at every step, the last too, so that a seed gives the same draws with any
+    sampler of this loop), then x, predicted x_0 = step(i, out, x, noise); yields (i, x, x_0)."""
+    draws = normal_draws(tuple(x.shape), generator, x.device)
+    # the network's t for every step, made once: row i is timestep_map[i] for each example
+    model_t = chain.timestep_map.to(x.device)[:, None].repeat(1, x.shape[0])
+    steps = reversed(range(chain.num_timesteps))
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, total=chain.num_timesteps, desc="sampling")
+    for i in steps:
+        out = model(x, model_t[i], **model_kwargs)
+        x, x0 = step(i, out, x, next(draws))
+        yield i, x, x0
+
+
+def last(steps: Iterator[tuple[int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The final x of a chain of steps."""
+    return collections.deque(steps, maxlen=1)[0][1]
+
+
+class Sampler:
+    """The two methods every sampler has (`timesteps`, `sample`), and `iterate`, which yields (t
+    of the trained chain, x after the step, predicted x_0) as it goes (trajectories, progress)."""
+
+    option: str  # its conf/sampler/<option>.yaml
+    steps: int | None = None
+    spacing: str = "linspace"
+
+    def timesteps(self, diffusion: GaussianDiffusion) -> torch.Tensor:
+        """The trained chain's steps at which the network is called, int64 [K], descending."""
+        if self.steps is None:
+            return torch.arange(diffusion.num_timesteps - 1, -1, -1)
+        return spaced_timesteps(self.spacing, self.steps, diffusion.alphas_cumprod)
+
+    def iterate(
+        self,
+        model: Model,
+        diffusion: GaussianDiffusion,
+        x_T: torch.Tensor,
+        generator: torch.Generator | None = None,
+        clip_denoised: bool = False,
+        progress: bool = False,
+        **model_kwargs: Any,
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        chain = self.respaced(diffusion)
+        steps = self.run(chain, model, x_T, generator, clip_denoised, progress, **model_kwargs)
+        for i, x, x0 in steps:
+            yield int(chain.timestep_map[i]), x, x0
+
+    def run(
+        self,
+        chain: GaussianDiffusion,
+        model: Model,
+        x_T: torch.Tensor,
+        generator: torch.Generator | None,
+        clip_denoised: bool,
+        progress: bool,
+        **model_kwargs: Any,
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """The steps on the (respaced) chain, yielding (chain step i, x, predicted x_0)."""
+        raise NotImplementedError
+
+    def sample(
+        self,
+        model: Model,
+        diffusion: GaussianDiffusion,
+        x_T: torch.Tensor,
+        generator: torch.Generator | None = None,
+        clip_denoised: bool = False,
+        **model_kwargs: Any,
+    ) -> torch.Tensor:
+        """x_0 from x_T; model(x, t, **model_kwargs) with t the trained chain's steps."""
+        return last(self.iterate(model, diffusion, x_T, generator, clip_denoised, **model_kwargs))
+
+    def respaced(self, diffusion: GaussianDiffusion) -> GaussianDiffusion:
+        """The chain over this sampler's timesteps (the trained one itself for all steps)."""
+        if self.steps is None:
+            return diffusion
+        return diffusion.respace(self.timesteps(diffusion).flip(0).tolist())
+
+
+def check_steps(steps: int | None, allow_none: bool = True) -> int | None:
+    """`sampler.steps`: an integer >= 1 (its upper bound, T, is checked against the chain)."""
+    if steps is None and allow_none:
+        return None
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        allowed = "an integer >= 1 (at most the chain's T)" + (
+            ", or null: all T" if allow_none else ""
+        )
+        raise ValueError(f"sampler.steps={steps!r} is invalid: it must be {allowed}.")
+    return steps
