@@ -13,6 +13,10 @@
                 compiled (mode=reduce-overhead: CUDA graphs) against eager
 6. parameterisation  1 and the sampler alone of 2 again with v/learned_range/hybrid, and its
                 training step against eps/beta/simple on the same U-Net (bf16 on a GPU)
+7. solvers      each sampler's own work (a network that costs nothing) against diffusers'
+                matching scheduler on the same timesteps: DDIM (50 steps) vs DDIMScheduler,
+                DPM-Solver++(2M) and SDE-DPM-Solver++(2M) (20 steps) vs
+                DPMSolverMultistepScheduler
 
     python benchmarks/run.py --device cpu --out results.json      # a few minutes on 2 cores
     python benchmarks/run.py --device cuda --out results.json     # CIFAR-10 sizes
@@ -390,6 +394,55 @@ def diffusers_sampling(
     }
 
 
+def diffusers_solvers(size: Size, device: str, repeats: int) -> dict[str, Any]:
+    """Comparison 7: our DDIM and DPMSolver against diffusers' DDIMScheduler and
+    DPMSolverMultistepScheduler on the same T = 1000 linear chain, the same timesteps and
+    `sample_batch` images, the network returning its input scaled (so only the samplers' own
+    work is timed); the ratio is diffusers' seconds over ours."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from ddpm.samplers import DDIM, DPMSolver
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x
+
+    shape = (size.sample_batch, size.channels, size.image_size, size.image_size)
+    diffusion = make_diffusion().to(device)
+    results: dict[str, Any] = {}
+    for name, ours, make in (
+        ("ddim", DDIM(steps=50), lambda: DDIMScheduler(timestep_spacing="linspace")),
+        ("dpm_solver", DPMSolver(steps=20), lambda: DPMSolverMultistepScheduler(
+            final_sigmas_type="zero", lower_order_final=True)),
+        ("dpm_solver_sde", DPMSolver(steps=20, stochastic=True),
+         lambda: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++",
+                                             final_sigmas_type="zero", lower_order_final=True)),
+    ):  # fmt: skip
+        timesteps = ours.timesteps(diffusion).tolist()
+        scheduler = make()
+
+        @torch.no_grad()
+        def theirs(scheduler=scheduler, timesteps=timesteps) -> None:
+            if isinstance(scheduler, DDIMScheduler):
+                scheduler.set_timesteps(len(timesteps))
+            else:
+                scheduler.set_timesteps(timesteps=timesteps)
+            x = torch.randn(shape, device=device)
+            for t in scheduler.timesteps:
+                x = scheduler.step(net(x, t), t, x).prev_sample
+
+        @torch.no_grad()
+        def mine(ours=ours) -> None:
+            ours.sample(net, diffusion, torch.randn(shape, device=device))
+
+        times = paired({"diffusers": theirs, "ours": mine}, 1, repeats, device)
+        results[name] = {
+            "steps": len(timesteps),
+            "seconds": {k: statistics.median(v) for k, v in times.items()},
+            **ratio_of_pairs(times["diffusers"], times["ours"]),
+        }
+    return results
+
+
 VARIANTS = {
     # name: (bf16 autocast, channels-last, torch.compile options or None)
     "fp32": (False, False, None),
@@ -614,6 +667,9 @@ def main() -> None:
                         size, device, args.chains, "none", "v/learned_range/hybrid"
                     ),
                 }
+                out["diffusers"]["solvers"] = diffusers_solvers(size, device, args.chains)
+                for key, result in out["diffusers"]["solvers"].items():
+                    row(rows, name, f"{key} alone (no network): diffusers / ours", result)
                 for key, what in (
                     ("training", "training: ours / diffusers images/s"),
                     ("sampling", "sampling: diffusers / ours seconds"),

@@ -118,9 +118,7 @@ class SampleGrid(pl.Callback):
             from ddpm.metrics import score_features
 
             with torch.random.fork_rng(devices=[]):
-                self._features, _ = score_features(
-                    trainer.datamodule, "auto", None, self.cache_dir
-                )
+                self._features, _ = score_features(trainer.datamodule, "auto", None, self.cache_dir)
 
     def _log_score(self, pl_module: pl.LightningModule, samples: torch.Tensor) -> None:
         from ddpm.metrics import fid_kid, held_out_images

@@ -152,6 +152,44 @@ def gaussianity_figure(rows: list[dict]) -> np.ndarray:
     return _to_array(fig)
 
 
+def calls_figure(rows: list[dict], swept: list[str], metrics: list[str]) -> np.ndarray:
+    """A sweep over samplers (ddpm-eval -m sampler=... sampler.steps=...): each metric against
+    the network calls per sample (log axes), one line per choice of the other swept keys, with
+    its bootstrap spread (`<metric>_bootstrap_std`) as a band and its floor dashed."""
+    plt = _pyplot()
+    others = [k for k in swept if k != "sampler.steps"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.0), dpi=100,
+                             squeeze=False)  # fmt: skip
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        groups = list(dict.fromkeys(tuple(str(r.get(k, "")) for k in others) for r in rows))
+        for group in groups:
+            mine = [r for r in rows if tuple(str(r.get(k, "")) for k in others) == group]
+            mine = sorted(
+                (r for r in mine if r.get(metric) is not None and r.get("eval/network_calls")),
+                key=lambda r: r["eval/network_calls"],
+            )
+            if not mine:
+                continue
+            x = np.array([r["eval/network_calls"] for r in mine], dtype=float)
+            y = np.array([r[metric] for r in mine], dtype=float)
+            label = ", ".join(f"{k}={v}" for k, v in zip(others, group, strict=True) if v)
+            (line,) = ax.plot(x, y, "o-", ms=4, label=label or metric)
+            spread = [r.get(f"{metric}_bootstrap_std") for r in mine]
+            if all(v is not None for v in spread):
+                band = np.array(spread, dtype=float)
+                ax.fill_between(x, y - band, y + band, color=line.get_color(), alpha=0.15)
+        floors = [r.get(f"{metric}_floor") for r in rows if r.get(f"{metric}_floor") is not None]
+        if floors:
+            ax.axhline(float(np.mean(floors)), ls="--", color="gray", label="floor")
+        ax.set_xscale("log")
+        if all(r[metric] > 0 for r in rows if r.get(metric) is not None):
+            ax.set_yscale("log")
+        ax.set(xlabel="network calls per sample", ylabel=metric.rsplit("/", 1)[-1])
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return _to_array(fig)
+
+
 def results_figure(rows: list[dict], swept: list[str], metrics: list[str]) -> np.ndarray:
     """A sweep's results: one panel per kind of metric (loss, bpd, fid, ...: rows) and swept key
     (columns). In a panel each metric of that kind (e.g. test/beta/fid and test/tilde_beta/fid)

@@ -84,16 +84,24 @@ class Coefficients(NamedTuple):
     noise: Number  # 1 where a reverse step adds noise, 0 at the last step (t = 0)
 
 
-def combine(a: Number, x: torch.Tensor, b: Number, y: torch.Tensor) -> torch.Tensor:
-    """a x + b y; with a Python number b, one fused operation fewer (a sampler's step)."""
+def combine(a: Number, x: torch.Tensor, b: Number, y: torch.Tensor | None) -> torch.Tensor:
+    """a x + b y (y None: a x); with Python numbers (a sampler's step) in as few operations as
+    they allow: one fused multiply-add, none for a term whose number is 0 or 1."""
+    ax = x if isinstance(a, float) and a == 1.0 else None
     if isinstance(b, torch.Tensor):
-        return a * x + b * y
-    return torch.add(x * a, y, alpha=b)
+        return torch.addcmul(x * a if ax is None else ax, b, y)
+    if y is None or b == 0.0:
+        return x * a if ax is None else ax
+    if isinstance(a, float) and a == 0.0:
+        return y * b
+    return torch.add(x * a if ax is None else ax, y, alpha=b)
 
 
-def exp(value: Number) -> Number:
-    """e^value for a tensor or a Python number."""
-    return torch.exp(value) if isinstance(value, torch.Tensor) else math.exp(value)
+def std(log_variance: Number) -> Number:
+    """sigma = e^(log sigma^2 / 2), for a tensor or a Python number."""
+    if isinstance(log_variance, torch.Tensor):
+        return (0.5 * log_variance).exp_()
+    return math.exp(0.5 * log_variance)
 
 
 class Parameterisation:
@@ -170,9 +178,9 @@ class Parameterisation:
         (1 - frac) log beta_tilde_t, frac = (v + 1) / 2 ("learned_range", Improved DDPM eq. 15)."""
         if self.variance == "learned":
             return values
-        if self.variance == "learned_range":
-            low, high = k.log_variance_low, k.log_variance_high
-            return (values + 1) * (0.5 * (high - low)) + low
+        if self.variance == "learned_range":  # as values * half + (half + low)
+            half = 0.5 * (k.log_variance_high - k.log_variance_low)
+            return (values * half).add_(half + k.log_variance_low)
         return k.log_variance
 
     def values(self, k: Coefficients, log_variance: torch.Tensor) -> torch.Tensor:

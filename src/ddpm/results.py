@@ -90,8 +90,10 @@ def _job_settings(job_dir: Path, keys: list[str]) -> dict[str, str]:
     config = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
     settings = {}
     for key in keys:
-        value = choices[key] if key in choices else OmegaConf.select(
-            config, key, default=None, throw_on_resolution_failure=False
+        value = (
+            choices[key]
+            if key in choices
+            else OmegaConf.select(config, key, default=None, throw_on_resolution_failure=False)
         )
         settings[key] = "" if value is None or OmegaConf.is_config(value) else str(value)
     return settings
@@ -145,7 +147,7 @@ def write_table(sweep_dir: str | Path, rows: list[dict[str, Any]], swept: list[s
     folder."""
     from PIL import Image
 
-    from ddpm.figures import results_figure
+    from ddpm.figures import calls_figure, results_figure
 
     sweep_dir = Path(sweep_dir)
     columns = list(rows[0]) if rows else []
@@ -163,5 +165,8 @@ def write_table(sweep_dir: str | Path, rows: list[dict[str, Any]], swept: list[s
     _write_atomically(sweep_dir / "results.md", ("\n".join(lines) + "\n").encode())
     metrics = [c for c in shown if c.startswith(TABLE_METRICS) and c.rsplit("/", 1)[-1] in PLOTTED]
     png = io.BytesIO()
-    Image.fromarray(results_figure(rows, swept, metrics)).save(png, format="png")
+    figure = calls_figure if "sampler.steps" in swept and any(
+        row.get("eval/network_calls") for row in rows
+    ) else results_figure  # fmt: skip
+    Image.fromarray(figure(rows, swept, metrics)).save(png, format="png")
     _write_atomically(sweep_dir / "results.png", png.getvalue())

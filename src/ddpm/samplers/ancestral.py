@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ddpm.checks import check_choice
-from ddpm.parameterisation import Coefficients, Parameterisation, combine, exp
+from ddpm.parameterisation import Coefficients, Parameterisation, combine, std
 from ddpm.samplers.base import Model, Sampler, check_steps, run_chain
 from ddpm.samplers.spacing import SPACINGS
 
@@ -30,7 +30,9 @@ def ancestral_step(
     returns it and the predicted x_0. `k` holds numbers (one step for the batch) or tensors (a
     step per example)."""
     mean, log_variance, x0 = p.reverse(k, output, x, clip_denoised)
-    return combine(1.0, mean, k.noise * exp(0.5 * log_variance), noise), x0
+    if not isinstance(k.noise, torch.Tensor):  # one step for the batch: 1, or 0 at the last
+        return combine(1.0, mean, std(log_variance) if k.noise else 0.0, noise), x0
+    return combine(1.0, mean, k.noise * std(log_variance), noise), x0
 
 
 def ancestral_chain(

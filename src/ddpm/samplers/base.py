@@ -55,12 +55,14 @@ def run_chain(
     step: Step,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    noisy: bool = True,
     **model_kwargs: Any,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Every step i = T-1, ..., 0 of `chain` from x = x_T: out = model(x, timestep_map[i]), a
-    noise draw (at every step, the last too, so that a seed gives the same draws with any
-    sampler of this loop), then x, predicted x_0 = step(i, out, x, noise); yields (i, x, x_0)."""
-    draws = normal_draws(tuple(x.shape), generator, x.device)
+    noise draw (`noisy`: at every step, the last too, so that a seed gives the same draws with
+    any noisy sampler of this loop; else None), then x, predicted x_0 = step(i, out, x, noise);
+    yields (i, x, x_0)."""
+    draws = normal_draws(tuple(x.shape), generator, x.device) if noisy else None
     # the network's t for every step, made once: row i is timestep_map[i] for each example
     model_t = chain.timestep_map.to(x.device)[:, None].repeat(1, x.shape[0])
     steps = reversed(range(chain.num_timesteps))
@@ -70,7 +72,7 @@ def run_chain(
         steps = tqdm(steps, total=chain.num_timesteps, desc="sampling")
     for i in steps:
         out = model(x, model_t[i], **model_kwargs)
-        x, x0 = step(i, out, x, next(draws))
+        x, x0 = step(i, out, x, next(draws) if draws is not None else None)
         yield i, x, x0
 
 

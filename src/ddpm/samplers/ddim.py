@@ -40,7 +40,7 @@ def ddim_step(
     d: DDIMCoefficients,
     output: torch.Tensor,
     x: torch.Tensor,
-    noise: torch.Tensor,
+    noise: torch.Tensor | None,
     clip_denoised: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 12: x_prev = sqrt(abar_prev) x_0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z, with
@@ -67,7 +67,8 @@ def ddim_chain(
     def step(i: int, out: torch.Tensor, x: torch.Tensor, noise: torch.Tensor):  # noqa: ANN202
         return ddim_step(p, ks[i], ds[i], out, x, noise, clip_denoised)
 
-    return run_chain(chain, model, x, step, generator, progress, **model_kwargs)
+    # with eta = 0 nothing is drawn after x_T: the chain is deterministic given it
+    return run_chain(chain, model, x, step, generator, progress, eta > 0, **model_kwargs)
 
 
 class DDIM(Sampler):
