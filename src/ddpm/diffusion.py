@@ -32,9 +32,9 @@ from ddpm.parameterisation import (  # noqa: F401 - the names other code imports
     check_parameterisation,
     output_channels,
 )
-from ddpm.samplers.ancestral import ancestral_chain, ancestral_step
-from ddpm.samplers.base import Model, last, normal_draws
-from ddpm.samplers.ddim import DDIMCoefficients, ddim_chain, ddim_coefficients, ddim_step
+from ddpm.samplers.ancestral import ancestral_step, ancestral_steps
+from ddpm.samplers.base import Model, last, normal_draws, run_chain
+from ddpm.samplers.ddim import DDIMCoefficients, ddim_coefficients, ddim_step, ddim_steps
 
 
 class GaussianDiffusion(nn.Module):
@@ -325,8 +325,10 @@ class GaussianDiffusion(nn.Module):
         buffers'), yielding (t, x_{t-1}, predicted x_0) per step: ancestral (eta None) or DDIM."""
         x = next(normal_draws(tuple(shape), generator, self.betas.device)).clone()
         if eta is None:
-            return ancestral_chain(self, model, x, generator, clip_denoised, progress)
-        return ddim_chain(self, model, x, eta, generator, clip_denoised, progress)
+            step, noisy = ancestral_steps(self, clip_denoised), True
+        else:
+            step, noisy = ddim_steps(self, eta, clip_denoised), eta > 0
+        return run_chain(self, model, x, step, generator, progress, noisy)
 
     def sample_loop(
         self,

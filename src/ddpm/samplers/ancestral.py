@@ -3,18 +3,16 @@ K of them (improved-diffusion's respacing)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from ddpm.checks import check_choice
 from ddpm.parameterisation import Coefficients, Parameterisation, combine, std
-from ddpm.samplers.base import Model, Sampler, check_steps, run_chain
+from ddpm.samplers.base import Sampler, Step, check_steps
 from ddpm.samplers.spacing import SPACINGS
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from ddpm.diffusion import GaussianDiffusion
 
 
@@ -35,23 +33,15 @@ def ancestral_step(
     return combine(1.0, mean, k.noise * std(log_variance), noise), x0
 
 
-def ancestral_chain(
-    chain: GaussianDiffusion,
-    model: Model,
-    x: torch.Tensor,
-    generator: torch.Generator | None = None,
-    clip_denoised: bool = False,
-    progress: bool = False,
-    **model_kwargs: Any,
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Every step of `chain` from x = x_T by `ancestral_step`, its coefficients Python numbers
-    (`GaussianDiffusion.step_coefficients`); yields (chain step i, x_{i-1}, predicted x_0)."""
+def ancestral_steps(chain: GaussianDiffusion, clip_denoised: bool = False) -> Step:
+    """`chain`'s steps by `ancestral_step`, each with its coefficients as Python numbers
+    (`GaussianDiffusion.step_coefficients`), for `run_chain`."""
     p, ks = chain.parameterisation, chain.step_coefficients()
 
-    def step(i: int, out: torch.Tensor, x: torch.Tensor, noise: torch.Tensor):  # noqa: ANN202
+    def step(i: int, out: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None):  # noqa: ANN202
         return ancestral_step(p, ks[i], out, x, noise, clip_denoised)
 
-    return run_chain(chain, model, x, step, generator, progress, **model_kwargs)
+    return step
 
 
 class Ancestral(Sampler):
@@ -65,16 +55,5 @@ class Ancestral(Sampler):
         check_choice("sampler.spacing", spacing, SPACINGS)
         self.steps, self.spacing = check_steps(steps), spacing
 
-    def run(
-        self,
-        chain: GaussianDiffusion,
-        model: Model,
-        x_T: torch.Tensor,
-        generator: torch.Generator | None = None,
-        clip_denoised: bool = False,
-        progress: bool = False,
-        **model_kwargs: Any,
-    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        return ancestral_chain(
-            chain, model, x_T, generator, clip_denoised, progress, **model_kwargs
-        )
+    def steps_on(self, chain: GaussianDiffusion, clip_denoised: bool) -> Step:
+        return ancestral_steps(chain, clip_denoised)

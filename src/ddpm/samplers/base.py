@@ -106,21 +106,15 @@ class Sampler:
         **model_kwargs: Any,
     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         chain = self.respaced(diffusion)
-        steps = self.run(chain, model, x_T, generator, clip_denoised, progress, **model_kwargs)
+        step = self.steps_on(chain, clip_denoised)
+        steps = run_chain(chain, model, x_T, step, generator, progress, self.noisy, **model_kwargs)
         for i, x, x0 in steps:
             yield int(chain.timestep_map[i]), x, x0
 
-    def run(
-        self,
-        chain: GaussianDiffusion,
-        model: Model,
-        x_T: torch.Tensor,
-        generator: torch.Generator | None,
-        clip_denoised: bool,
-        progress: bool,
-        **model_kwargs: Any,
-    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """The steps on the (respaced) chain, yielding (chain step i, x, predicted x_0)."""
+    noisy = True  # whether `steps_on`'s steps use noise (one draw a step)
+
+    def steps_on(self, chain: GaussianDiffusion, clip_denoised: bool) -> Step:
+        """The step function of `run_chain` on the (respaced) chain."""
         raise NotImplementedError
 
     def sample(

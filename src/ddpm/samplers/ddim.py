@@ -3,18 +3,16 @@ level eta between the deterministic sampler (0) and the ancestral step with beta
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from ddpm.checks import check_choice
 from ddpm.parameterisation import Coefficients, Number, Parameterisation, combine
-from ddpm.samplers.base import Model, Sampler, check_steps, run_chain
+from ddpm.samplers.base import Sampler, Step, check_steps
 from ddpm.samplers.spacing import SPACINGS
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from ddpm.diffusion import GaussianDiffusion
 
 
@@ -49,26 +47,16 @@ def ddim_step(
     return combine(1.0, combine(d.x0, x0, d.eps, eps), d.noise, noise), x0
 
 
-def ddim_chain(
-    chain: GaussianDiffusion,
-    model: Model,
-    x: torch.Tensor,
-    eta: float = 0.0,
-    generator: torch.Generator | None = None,
-    clip_denoised: bool = False,
-    progress: bool = False,
-    **model_kwargs: Any,
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Every step of `chain` from x = x_T by `ddim_step`, its coefficients Python numbers;
-    yields (chain step i, x_{i-1}, predicted x_0)."""
+def ddim_steps(chain: GaussianDiffusion, eta: float, clip_denoised: bool = False) -> Step:
+    """`chain`'s steps by `ddim_step`, each with its coefficients as Python numbers, for
+    `run_chain` (with eta = 0 it needs no noise: the chain is deterministic given x_T)."""
     p, ks = chain.parameterisation, chain.step_coefficients()
     ds = [DDIMCoefficients(*row) for row in torch.stack(ddim_coefficients(chain, eta), 1).tolist()]
 
-    def step(i: int, out: torch.Tensor, x: torch.Tensor, noise: torch.Tensor):  # noqa: ANN202
+    def step(i: int, out: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None):  # noqa: ANN202
         return ddim_step(p, ks[i], ds[i], out, x, noise, clip_denoised)
 
-    # with eta = 0 nothing is drawn after x_T: the chain is deterministic given it
-    return run_chain(chain, model, x, step, generator, progress, eta > 0, **model_kwargs)
+    return step
 
 
 class DDIM(Sampler):
@@ -87,16 +75,9 @@ class DDIM(Sampler):
             )
         self.steps, self.eta, self.spacing = check_steps(steps), float(eta), spacing
 
-    def run(
-        self,
-        chain: GaussianDiffusion,
-        model: Model,
-        x_T: torch.Tensor,
-        generator: torch.Generator | None = None,
-        clip_denoised: bool = False,
-        progress: bool = False,
-        **model_kwargs: Any,
-    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        return ddim_chain(
-            chain, model, x_T, self.eta, generator, clip_denoised, progress, **model_kwargs
-        )
+    @property
+    def noisy(self) -> bool:
+        return self.eta > 0
+
+    def steps_on(self, chain: GaussianDiffusion, clip_denoised: bool) -> Step:
+        return ddim_steps(chain, self.eta, clip_denoised)
