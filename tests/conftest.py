@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -159,3 +160,17 @@ def commands(title: str) -> list[str]:
             if line and not line.startswith("#"):
                 found.append(re.sub(r"\s+", " ", line))
     return found
+
+
+def with_overrides(command: str, extra: list[str]) -> list[str]:
+    """The command's words with `extra` key=values: a key the command sets gets the new value,
+    other keys are appended."""
+    words = shlex.split(command)
+    for override in extra:
+        key = override.split("=", 1)[0]
+        same = [i for i, w in enumerate(words) if w.split("=", 1)[0] == key]
+        if same:
+            words[same[0]] = override
+        else:
+            words.append(override)
+    return words

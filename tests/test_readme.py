@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SHORT, commands, run_in_one_interpreter, section
+from conftest import ROOT, SHORT, commands, run_in_one_interpreter, section, with_overrides
 
 # Commands that need what this machine lacks, with the reason.
 SKIPPED = {
@@ -77,20 +77,6 @@ def troubleshooting_rows() -> list[tuple[str, str]]:
     rows = re.findall(r"^\| `([^`]+)`[^|]*\| `(.+)` \|$", section("Troubleshooting: errors"), re.M)
     assert len(rows) >= 30, rows
     return rows
-
-
-def with_overrides(command: str, extra: list[str]) -> list[str]:
-    """The command's words with `extra` key=values: a key the command sets gets the new value,
-    other keys are appended."""
-    words = shlex.split(command)
-    for override in extra:
-        key = override.split("=", 1)[0]
-        same = [i for i, w in enumerate(words) if w.split("=", 1)[0] == key]
-        if same:
-            words[same[0]] = override
-        else:
-            words.append(override)
-    return words
 
 
 def run(words: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -527,34 +513,3 @@ def test_true_reverse_process_commands(tmp_path: Path) -> None:
     assert len(samples) == 32
     for sample in samples:
         assert (train == sample).flatten(1).all(1).any()
-
-
-@pytest.mark.slow
-def test_sampler_study_commands(ckpt: Path, tmp_path: Path) -> None:
-    """The Samplers section's two ddpm-eval sweeps, as typed, shortened (two step counts, few
-    samples): each job measured with its sampler and calls, one table row per job with FID and
-    its bootstrap spread (digits) or the energy distance (gmm), and the table's figure."""
-    listed = [c for c in commands("Samplers") if not c.startswith("CK=")]
-    assert len(listed) == 2, listed
-    short = {"fid.num_samples": "32", "sampler.steps": "3,5"}
-    lines = []
-    for index, command in enumerate(listed):
-        extra = [f"{k}={v}" for k, v in short.items() if k in command]
-        extra.append(f"hydra.sweep.dir={tmp_path / str(index)}")
-        words = with_overrides(command.replace("$CK", str(ckpt)), extra)
-        lines.append([*words, "data.num_test=300"] if "data=gmm" in command else words)
-    outcomes = run_in_one_interpreter(lines, tmp_path)
-    for line, outcome in zip(lines, outcomes, strict=True):
-        assert outcome["code"] == 0, (line, outcome["stderr"][-3000:])
-    for index, metric in enumerate(("eval/fid", "eval/energy_distance")):
-        rows = list(csv.DictReader((tmp_path / str(index) / "results.csv").open()))
-        assert len(rows) == 6 and {r["status"] for r in rows} == {"finished"}
-        assert {(r["sampler"], r["sampler.steps"]) for r in rows} == {
-            (s, k) for s in ("ancestral", "ddim", "dpm_solver") for k in ("3", "5")
-        }
-        for row in rows:
-            assert float(row["eval/network_calls"]) == float(row["sampler.steps"])
-            assert math.isfinite(float(row[metric]))
-            if index == 0:
-                assert 0 < float(row["eval/fid_bootstrap_std"]) < float(row["eval/fid"])
-        assert (tmp_path / str(index) / "results.png").is_file()

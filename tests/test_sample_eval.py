@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_in_one_interpreter, run_train
+from conftest import commands, run_in_one_interpreter, run_train, with_overrides
 
 from ddpm.checkpoint import load_trained, load_trained_for
 from ddpm.cli.evaluate import evaluate
@@ -300,3 +300,34 @@ def test_a_schedule_choice_is_built_with_its_own_parameters(digits_ckpt: Path, c
     )
     with pytest.raises(ValueError, match=r"schedule.beta_end=0.03 differs from the checkpoint's"):
         load_trained_for(refused)
+
+
+@pytest.mark.slow
+def test_readme_sampler_study_commands(digits_ckpt: Path, tmp_path: Path) -> None:
+    """The Samplers section's two ddpm-eval sweeps, as typed, shortened (two step counts, few
+    samples): each job measured with its sampler and calls, one table row per job with FID and
+    its bootstrap spread (digits) or the energy distance (gmm), and the table's figure."""
+    listed = [c for c in commands("Samplers") if not c.startswith("CK=")]
+    assert len(listed) == 2, listed
+    short = {"fid.num_samples": "32", "sampler.steps": "3,5"}
+    lines = []
+    for index, command in enumerate(listed):
+        extra = [f"{k}={v}" for k, v in short.items() if k in command]
+        extra.append(f"hydra.sweep.dir={tmp_path / str(index)}")
+        words = with_overrides(command.replace("$CK", str(digits_ckpt)), extra)
+        lines.append([*words, "data.num_test=300"] if "data=gmm" in command else words)
+    outcomes = run_in_one_interpreter(lines, tmp_path)
+    for line, outcome in zip(lines, outcomes, strict=True):
+        assert outcome["code"] == 0, (line, outcome["stderr"][-3000:])
+    for index, metric in enumerate(("eval/fid", "eval/energy_distance")):
+        rows = list(csv.DictReader((tmp_path / str(index) / "results.csv").open()))
+        assert len(rows) == 6 and {r["status"] for r in rows} == {"finished"}
+        assert {(r["sampler"], r["sampler.steps"]) for r in rows} == {
+            (s, k) for s in ("ancestral", "ddim", "dpm_solver") for k in ("3", "5")
+        }
+        for row in rows:
+            assert float(row["eval/network_calls"]) == float(row["sampler.steps"])
+            assert math.isfinite(float(row[metric]))
+            if index == 0:
+                assert 0 < float(row["eval/fid_bootstrap_std"]) < float(row["eval/fid"])
+        assert (tmp_path / str(index) / "results.png").is_file()

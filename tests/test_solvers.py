@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddpm.diffusion import GaussianDiffusion
-from ddpm.samplers import DDIM, DPMSolver, spaced_timesteps
+from ddpm.samplers import DDIM, Ancestral, DPMSolver, spaced_timesteps
 from ddpm.schedules import make_beta_schedule
 from ddpm.truth import GaussianMixture, Oracle
 
@@ -261,3 +261,35 @@ def test_dpm_solver_is_closest_to_the_data_with_a_perfect_network(compose_cfg, t
         floor = found["energy_distance"]["floor_two_held_out_draws"]
         assert distance["dpm_solver"] < min(distance["ddim"], distance["ancestral"]), distance
         assert distance["dpm_solver"] < 0.01 and floor < 0.01, (distance, floor)
+
+
+@pytest.mark.parametrize("sampler", [DPMSolver(10), DPMSolver(8, order=3, stochastic=True),
+                                     DDIM(10, eta=0.5), Ancestral(10)])  # fmt: skip
+def test_every_parameterisation_samples_alike(sampler) -> None:
+    """With the exact denoiser as its network (`Oracle`, which outputs what each prediction and
+    learned variance stands for), every prediction gives the samples of eps (the ODE solvers and
+    DDIM read only x_0; the ancestral step reads the mean too, and the learned variance is the
+    true reverse step's): the conversion from an output runs through one parameterisation."""
+    betas = make_beta_schedule("cosine", 200)
+    mixture = GaussianMixture(
+        torch.from_numpy(MEANS), torch.from_numpy(VARIANCES), torch.from_numpy(WEIGHTS)
+    )
+    x_T = torch.randn(32, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    samples = {}
+    for prediction in ("eps", "x0", "mean", "v"):
+        for variance in ("beta", "learned_range"):
+            loss = "hybrid" if variance == "learned_range" else "simple"
+            diffusion = GaussianDiffusion(betas, variance, prediction, loss)
+            oracle = Oracle(mixture, diffusion)
+            generator = torch.Generator().manual_seed(1)
+            samples[prediction, variance] = sampler.sample(oracle, diffusion, x_T, generator)
+    reference = samples["eps", "beta"]
+    assert reference.abs().max() > 0.1
+    for (prediction, variance), x in samples.items():
+        if isinstance(sampler, Ancestral) and variance != "beta":
+            continue  # a learned variance is the true step's, not beta_t: other samples
+        torch.testing.assert_close(x, reference, rtol=1e-6, atol=1e-6, msg=f"{prediction}")
+    if isinstance(sampler, Ancestral):  # with the learned variance, alike among predictions
+        learned = samples["eps", "learned_range"]
+        for prediction in ("x0", "mean", "v"):
+            torch.testing.assert_close(samples[prediction, "learned_range"], learned)
