@@ -16,7 +16,7 @@
 7. solvers      each sampler's own work (a network that costs nothing) against diffusers'
                 matching scheduler on the same timesteps: DDIM (50 steps) vs DDIMScheduler,
                 DPM-Solver++(2M) and SDE-DPM-Solver++(2M) (20 steps) vs
-                DPMSolverMultistepScheduler
+                DPMSolverMultistepScheduler; UniPC (10 steps, trailing) vs UniPCMultistepScheduler
 
     python benchmarks/run.py --device cpu --out results.json      # a few minutes on 2 cores
     python benchmarks/run.py --device cuda --out results.json     # CIFAR-10 sizes
@@ -399,9 +399,9 @@ def diffusers_solvers(size: Size, device: str, repeats: int) -> dict[str, Any]:
     DPMSolverMultistepScheduler on the same T = 1000 linear chain, the same timesteps and
     `sample_batch` images, the network returning its input scaled (so only the samplers' own
     work is timed); the ratio is diffusers' seconds over ours."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-    from ddpm.samplers import DDIM, DPMSolver
+    from ddpm.samplers import DDIM, DPMSolver, UniPC
 
     def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return 0.5 * x
@@ -416,14 +416,16 @@ def diffusers_solvers(size: Size, device: str, repeats: int) -> dict[str, Any]:
         ("dpm_solver_sde", DPMSolver(steps=20, stochastic=True),
          lambda: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++",
                                              final_sigmas_type="zero", lower_order_final=True)),
+        ("unipc", UniPC(steps=10, spacing="trailing"),
+         lambda: UniPCMultistepScheduler(timestep_spacing="trailing", final_sigmas_type="zero")),
     ):  # fmt: skip
         timesteps = ours.timesteps(diffusion).tolist()
         scheduler = make()
 
         @torch.no_grad()
         def theirs(scheduler=scheduler, timesteps=timesteps) -> None:
-            if isinstance(scheduler, DDIMScheduler):
-                scheduler.set_timesteps(len(timesteps))
+            if isinstance(scheduler, (DDIMScheduler, UniPCMultistepScheduler)):
+                scheduler.set_timesteps(len(timesteps))  # the same steps as ours
             else:
                 scheduler.set_timesteps(timesteps=timesteps)
             x = torch.randn(shape, device=device)

@@ -321,9 +321,10 @@ def test_readme_sampler_study_commands(digits_ckpt: Path, tmp_path: Path) -> Non
         assert outcome["code"] == 0, (line, outcome["stderr"][-3000:])
     for index, metric in enumerate(("eval/fid", "eval/energy_distance")):
         rows = list(csv.DictReader((tmp_path / str(index) / "results.csv").open()))
-        assert len(rows) == 6 and {r["status"] for r in rows} == {"finished"}
+        samplers = ("ancestral", "ddim", "dpm_solver", "unipc")
+        assert len(rows) == 8 and {r["status"] for r in rows} == {"finished"}
         assert {(r["sampler"], r["sampler.steps"]) for r in rows} == {
-            (s, k) for s in ("ancestral", "ddim", "dpm_solver") for k in ("3", "5")
+            (s, k) for s in samplers for k in ("3", "5")
         }
         for row in rows:
             assert float(row["eval/network_calls"]) == float(row["sampler.steps"])

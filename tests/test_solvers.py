@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddpm.diffusion import GaussianDiffusion
-from ddpm.samplers import DDIM, Ancestral, DPMSolver, spaced_timesteps
+from ddpm.samplers import DDIM, Ancestral, DPMSolver, UniPC, spaced_timesteps
 from ddpm.schedules import make_beta_schedule
 from ddpm.truth import GaussianMixture, Oracle
 
@@ -195,12 +195,15 @@ def flow(diffusion: GaussianDiffusion, x_T: np.ndarray, t_end: int = 0) -> np.nd
         (lambda K: DPMSolver(K, order=1), 1),
         (lambda K: DPMSolver(K, order=2), 2),
         (lambda K: DPMSolver(K, order=3), 3),
+        (lambda K: UniPC(K, order=1), 2),  # the corrector adds one order (Zhao et al. 2023)
+        (lambda K: UniPC(K, order=2), 3),
+        (lambda K: UniPC(K, order=3), 4),
     ],
 )
 def test_ode_samplers_converge_to_the_flow_at_their_order(sampler, slope: int) -> None:
     """With the exact denoiser (`Oracle`), an ODE sampler's end points from fixed x_T approach the
     probability-flow ODE's (integrated to 1e-10) as the calls grow, the error falling about as
-    calls^-order (the fitted slope within 0.5 of it)."""
+    calls^-order (the fitted slope within 0.5 of it; UniPC-p is of order p + 1)."""
     diffusion = GaussianDiffusion(make_beta_schedule("linear", 1000))
     mixture = GaussianMixture(
         torch.from_numpy(MEANS), torch.from_numpy(VARIANCES), torch.from_numpy(WEIGHTS)
@@ -263,8 +266,16 @@ def test_dpm_solver_is_closest_to_the_data_with_a_perfect_network(compose_cfg, t
         assert distance["dpm_solver"] < 0.01 and floor < 0.01, (distance, floor)
 
 
-@pytest.mark.parametrize("sampler", [DPMSolver(10), DPMSolver(8, order=3, stochastic=True),
-                                     DDIM(10, eta=0.5), Ancestral(10)])  # fmt: skip
+ALL_KINDS = [
+    DPMSolver(10),
+    DPMSolver(8, order=3, stochastic=True),
+    UniPC(10, order=3),
+    DDIM(10, eta=0.5),
+    Ancestral(10),
+]
+
+
+@pytest.mark.parametrize("sampler", ALL_KINDS)
 def test_every_parameterisation_samples_alike(sampler) -> None:
     """With the exact denoiser as its network (`Oracle`, which outputs what each prediction and
     learned variance stands for), every prediction gives the samples of eps (the ODE solvers and
@@ -293,3 +304,38 @@ def test_every_parameterisation_samples_alike(sampler) -> None:
         learned = samples["eps", "learned_range"]
         for prediction in ("x0", "mean", "v"):
             torch.testing.assert_close(samples[prediction, "learned_range"], learned)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize(("schedule", "K"), [("linear", 10), ("cosine", 20)])
+def test_unipc_is_diffusers_step_by_step(
+    schedule: str, K: int, prediction: str, order: int
+) -> None:
+    """UniPC and diffusers' UniPCMultistepScheduler (bh2, predict_x0, lower_order_final,
+    final_sigmas_type="zero", the corrector on), on the same "trailing" timesteps, the same
+    network and our float64 abar, agree after every step to float32 rounding."""
+    betas = make_beta_schedule(schedule, 1000)
+    diffusion = GaussianDiffusion(betas, prediction=prediction)
+    sampler = UniPC(steps=K, order=order, spacing="trailing")
+    scheduler = diffusers.UniPCMultistepScheduler(
+        num_train_timesteps=1000,
+        trained_betas=betas.numpy(),
+        solver_order=order,
+        prediction_type=DIFFUSERS_PREDICTION[prediction],
+        timestep_spacing="trailing",
+        final_sigmas_type="zero",
+    )
+    scheduler.alphas_cumprod = torch.cumprod(1 - betas, 0)
+    scheduler.set_timesteps(K)
+    assert scheduler.timesteps.tolist() == sampler.timesteps(diffusion).tolist()
+    x_T = torch.randn(6, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    x, scale = x_T, 1.0
+    for (t, x_ours, x0), t_theirs in zip(
+        sampler.iterate(network, diffusion, x_T), scheduler.timesteps, strict=True
+    ):
+        scale = max(scale, 1 + x0.abs().max().item())  # as in the DPM-Solver++ test
+        assert t == int(t_theirs)
+        x = scheduler.step(network(x, t_theirs.expand(x.shape[0])), t_theirs, x).prev_sample
+        torch.testing.assert_close(x_ours, x, rtol=1e-4, atol=1e-5 * scale)
+    assert x.abs().max() > 0.1

@@ -17,9 +17,9 @@ from ddpm.checkpoint import Trained
 from ddpm.checks import check_int
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.distributed import batch_seed, gather_in_order, my_share, world
-from ddpm.samplers import DDIM, Ancestral, DPMSolver, Sampler
+from ddpm.samplers import DDIM, Ancestral, DPMSolver, Sampler, UniPC
 
-SAMPLERS = (Ancestral, DDIM, DPMSolver)
+SAMPLERS = (Ancestral, DDIM, DPMSolver, UniPC)
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def old_spelling(node: Any, steps: Any = None, eta: Any = None, key: str = "samp
             new.append(f"{key}.{old_key}={value}")
     raise ValueError(
         f"{' '.join(old)} is now written {' '.join(new)}: the sampler is a config group "
-        "(conf/sampler/: ancestral, ddim, dpm_solver) with its own keys."
+        "(conf/sampler/: ancestral, ddim, dpm_solver, unipc) with its own keys."
     )
 
 

@@ -6,6 +6,7 @@ from ddpm.samplers.base import Sampler, normal_draws
 from ddpm.samplers.ddim import DDIM
 from ddpm.samplers.dpm_solver import DPMSolver
 from ddpm.samplers.spacing import SPACINGS, spaced_timesteps
+from ddpm.samplers.unipc import UniPC
 
 __all__ = [
     "DDIM",
@@ -13,6 +14,7 @@ __all__ = [
     "Ancestral",
     "DPMSolver",
     "Sampler",
+    "UniPC",
     "normal_draws",
     "spaced_timesteps",
 ]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import collections
 import itertools
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -65,15 +66,54 @@ def run_chain(
     draws = normal_draws(tuple(x.shape), generator, x.device) if noisy else None
     # the network's t for every step, made once: row i is timestep_map[i] for each example
     model_t = chain.timestep_map.to(x.device)[:, None].repeat(1, x.shape[0])
-    steps = reversed(range(chain.num_timesteps))
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, total=chain.num_timesteps, desc="sampling")
-    for i in steps:
+    T = chain.num_timesteps
+    for j in progress_range(T, progress):
+        i = T - 1 - j
         out = model(x, model_t[i], **model_kwargs)
         x, x0 = step(i, out, x, next(draws) if draws is not None else None)
         yield i, x, x0
+
+
+class LambdaGrid(NamedTuple):
+    """An ODE solver's grid: the trained chain's `timesteps` (descending) and, at each and at a
+    final sigma = 0 point, alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log(alpha / sigma)
+    (inf at the end), as Python floats."""
+
+    timesteps: list[int]
+    alphas: list[float]
+    sigmas: list[float]
+    lambdas: list[float]
+
+
+def lambda_grid(diffusion: GaussianDiffusion, timesteps: torch.Tensor) -> LambdaGrid:
+    abar = diffusion.alphas_cumprod.cpu()[timesteps].tolist()
+    alphas = [math.sqrt(a) for a in abar] + [1.0]
+    sigmas = [math.sqrt(1.0 - a) for a in abar] + [0.0]
+    lambdas = [math.log(a / s) if s > 0 else math.inf for a, s in zip(alphas, sigmas, strict=True)]
+    return LambdaGrid(timesteps.tolist(), alphas, sigmas, lambdas)
+
+
+def denoiser(
+    diffusion: GaussianDiffusion, model: Model, clip_denoised: bool, **model_kwargs: Any
+) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """x_0(x, t): the network called at step t of the trained chain, its output read as the
+    predicted x_0 by the parameterisation (clamped to [-1, 1] when `clip_denoised`)."""
+    p, ks = diffusion.parameterisation, diffusion.step_coefficients()
+
+    def x0(x: torch.Tensor, t: int) -> torch.Tensor:
+        model_t = torch.full((x.shape[0],), int(diffusion.timestep_map[t]), device=x.device)
+        return p.denoised(ks[t], model(x, model_t, **model_kwargs), x, clip_denoised)[0]
+
+    return x0
+
+
+def progress_range(n: int, progress: bool) -> Iterable[int]:
+    """range(n), with a progress bar when `progress`."""
+    if not progress:
+        return range(n)
+    from tqdm.auto import tqdm
+
+    return tqdm(range(n), desc="sampling")
 
 
 def last(steps: Iterator[tuple[int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:

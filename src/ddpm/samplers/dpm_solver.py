@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ddpm.checks import check_choice
-from ddpm.samplers.base import Model, Sampler, check_steps, normal_draws
+from ddpm.samplers.base import (
+    Model,
+    Sampler,
+    check_steps,
+    denoiser,
+    lambda_grid,
+    normal_draws,
+    progress_range,
+)
 from ddpm.samplers.spacing import SPACINGS
 
 if TYPE_CHECKING:
@@ -114,30 +122,17 @@ class DPMSolver(Sampler):
         progress: bool = False,
         **model_kwargs: Any,
     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        timesteps = self.timesteps(diffusion).tolist()
-        abar = diffusion.alphas_cumprod.cpu()[timesteps].tolist()
-        alphas = [math.sqrt(a) for a in abar] + [1.0]
-        sigmas = [math.sqrt(1.0 - a) for a in abar] + [0.0]
-        lambdas = [
-            math.log(a / s) if s > 0 else math.inf for a, s in zip(alphas, sigmas, strict=True)
-        ]
-        p, ks = diffusion.parameterisation, diffusion.step_coefficients()
+        grid = lambda_grid(diffusion, self.timesteps(diffusion))
+        x0_of = denoiser(diffusion, model, clip_denoised, **model_kwargs)
         draws = normal_draws(tuple(x_T.shape), generator, x_T.device) if self.stochastic else None
-        steps = range(len(timesteps))
-        if progress:
-            from tqdm.auto import tqdm
-
-            steps = tqdm(steps, desc="sampling")
-        x, x0s = x_T, []
-        for i in steps:
-            t = timesteps[i]
-            model_t = torch.full((x.shape[0],), int(diffusion.timestep_map[t]), device=x.device)
-            out = model(x, model_t, **model_kwargs)
-            x0s = [*x0s, p.denoised(ks[t], out, x, clip_denoised)[0]][-self.order :]
-            order = step_order(self.order, i, len(timesteps))
+        x, x0s, K = x_T, [], len(grid.timesteps)
+        for i in progress_range(K, progress):
+            t = grid.timesteps[i]
+            x0s = [*x0s, x0_of(x, t)][-self.order :]
+            order = step_order(self.order, i, K)
             noise = next(draws) if draws is not None else None
             x = dpm_solver_step(
-                x, x0s[-order:], lambdas[i - order + 1 : i + 2], alphas[i + 1], sigmas[i + 1],
-                sigmas[i], noise,
+                x, x0s[-order:], grid.lambdas[i - order + 1 : i + 2], grid.alphas[i + 1],
+                grid.sigmas[i + 1], grid.sigmas[i], noise,
             )  # fmt: skip
             yield t, x, x0s[-1]
