@@ -176,6 +176,13 @@ class Sampler:
         return diffusion.respace(self.timesteps(diffusion).flip(0).tolist())
 
 
+def check_order(order: int) -> int:
+    """`sampler.order` of a multistep solver: 1, 2 or 3."""
+    if isinstance(order, bool) or order not in (1, 2, 3):
+        raise ValueError(f"sampler.order={order!r} is invalid: allowed are 1, 2, 3.")
+    return order
+
+
 def check_steps(steps: int | None, allow_none: bool = True) -> int | None:
     """`sampler.steps`: an integer >= 1 (its upper bound, T, is checked against the chain)."""
     if steps is None and allow_none:

@@ -15,6 +15,7 @@ from ddpm.checks import check_choice
 from ddpm.samplers.base import (
     Model,
     Sampler,
+    check_order,
     check_steps,
     denoiser,
     lambda_grid,
@@ -103,13 +104,11 @@ class DPMSolver(Sampler):
         self, steps: int = 20, order: int = 2, spacing: str = "logsnr", stochastic: bool = False
     ) -> None:
         check_choice("sampler.spacing", spacing, SPACINGS)
-        if order not in (1, 2, 3) or isinstance(order, bool):
-            raise ValueError(f"sampler.order={order!r} is invalid: allowed are 1, 2, 3.")
         if not isinstance(stochastic, bool):
             raise ValueError(
                 f"sampler.stochastic={stochastic!r} is invalid: it must be true or false."
             )
-        self.steps, self.order = check_steps(steps, allow_none=False), order
+        self.steps, self.order = check_steps(steps, allow_none=False), check_order(order)
         self.spacing, self.stochastic = spacing, stochastic
 
     def iterate(

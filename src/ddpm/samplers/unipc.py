@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ddpm.checks import check_choice
-from ddpm.samplers.base import Model, Sampler, check_steps, denoiser, lambda_grid, progress_range
+from ddpm.samplers.base import (
+    Model,
+    Sampler,
+    check_order,
+    check_steps,
+    denoiser,
+    lambda_grid,
+    progress_range,
+)
 from ddpm.samplers.spacing import SPACINGS
 
 if TYPE_CHECKING:
@@ -75,9 +83,8 @@ class UniPC(Sampler):
 
     def __init__(self, steps: int = 10, order: int = 2, spacing: str = "logsnr") -> None:
         check_choice("sampler.spacing", spacing, SPACINGS)
-        if order not in (1, 2, 3) or isinstance(order, bool):
-            raise ValueError(f"sampler.order={order!r} is invalid: allowed are 1, 2, 3.")
-        self.steps, self.order, self.spacing = check_steps(steps, allow_none=False), order, spacing
+        self.steps, self.spacing = check_steps(steps, allow_none=False), spacing
+        self.order = check_order(order)
 
     def iterate(
         self,
