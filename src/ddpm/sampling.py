@@ -55,8 +55,11 @@ def build_sampler(node: Any, key: str = "sampler") -> Sampler:
     if isinstance(node, DictConfig):
         node = OmegaConf.to_container(node, resolve=True)
     if not isinstance(node, dict) or "_target_" not in node:
+        options = ", ".join(c.option for c in SAMPLERS)
         raise ValueError(
-            f"{key}={node!r} is not a sampler: choose one with {key}=ancestral|ddim|dpm_solver."
+            f"{key}={node!r} is not a sampler: the sampler is a config group ({options}), "
+            "chosen with sampler=<name> in ddpm-sample and ddpm-eval, and in train.py with "
+            "sampler@eval.sampler=<name> or sampler@callbacks.samples.sampler=<name>."
         )
     old_spelling(node, key=key)
     kwargs = {k: v for k, v in node.items() if k != "_target_"}
