@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.diffusion import GaussianDiffusion, normal_draws
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.samplers import normal_draws
 from ddpm.schedules import make_beta_schedule
 
 T = 50

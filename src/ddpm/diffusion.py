@@ -33,7 +33,7 @@ from ddpm.parameterisation import (  # noqa: F401 - the names other code imports
     output_channels,
 )
 from ddpm.samplers.ancestral import ancestral_step, ancestral_steps
-from ddpm.samplers.base import Model, last, normal_draws, run_chain
+from ddpm.samplers.base import Model, initial_noise, last, run_chain
 from ddpm.samplers.ddim import DDIMCoefficients, ddim_coefficients, ddim_step, ddim_steps
 
 
@@ -67,10 +67,10 @@ class GaussianDiffusion(nn.Module):
             raise ValueError("betas must be a non-empty sequence of values strictly inside (0, 1).")
         self.variance, self.prediction, self.loss = variance, prediction, loss
         self.vlb_weight, self.weighting, self.min_snr_gamma = vlb_weight, weighting, min_snr_gamma
-        self.learned_variance = variance in LEARNED_VARIANCES
         self.num_timesteps = T = int(betas.numel())
         # a "mean" output is mu_tilde of the chain the network was trained on
         self.parameterisation = Parameterisation(prediction, variance, mean_coefficients is None)
+        self.learned_variance = self.parameterisation.learned_variance
 
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, dim=0)
@@ -106,13 +106,10 @@ class GaussianDiffusion(nn.Module):
             model_variance = model_log_variance.exp()
         buffers = {
             "betas": betas,
-            "log_betas": betas.log(),
             "alphas_cumprod": alphas_cumprod,
             "alphas_cumprod_prev": alphas_cumprod_prev,
             "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
             "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
-            "sqrt_recip_alphas_cumprod": alphas_cumprod.rsqrt(),
-            "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),
             "posterior_variance": posterior_variance,
             "posterior_log_variance_clipped": posterior_log_variance_clipped,
             "posterior_mean_coef1": coef1,
@@ -120,7 +117,6 @@ class GaussianDiffusion(nn.Module):
             "mean_coef1": mean_coef1,
             "mean_coef2": mean_coef2,
             "model_log_variance": model_log_variance,
-            "model_variance": model_variance,
             "snr": snr,
             "loss_weight": objectives.loss_weight(
                 prediction, weighting, min_snr_gamma, snr, mean_coef1
@@ -323,7 +319,7 @@ class GaussianDiffusion(nn.Module):
     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """This chain from x_T ~ N(0, I) (the generator's first draw, on its device, moved to the
         buffers'), yielding (t, x_{t-1}, predicted x_0) per step: ancestral (eta None) or DDIM."""
-        x = next(normal_draws(tuple(shape), generator, self.betas.device)).clone()
+        x = initial_noise(tuple(shape), generator, self.betas.device)
         if eta is None:
             step, noisy = ancestral_steps(self, clip_denoised), True
         else:

@@ -18,6 +18,7 @@ from ddpm.checks import check_int
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.distributed import batch_seed, gather_in_order, my_share, world
 from ddpm.samplers import DDIM, Ancestral, DPMSolver, Sampler, UniPC
+from ddpm.samplers.base import initial_noise
 
 SAMPLERS = (Ancestral, DDIM, DPMSolver, UniPC)
 
@@ -151,8 +152,7 @@ def run_sampler(
     `trajectory_points` of the sampler's steps evenly spread (t on the trained chain)."""
     K = len(sampler.timesteps(diffusion))
     marks = set(np.linspace(0, K - 1, trajectory_points).round().astype(int))
-    source = generator.device if generator is not None else torch.device("cpu")
-    x_T = torch.randn(shape, generator=generator, device=source).to(diffusion.betas.device)
+    x_T = initial_noise(shape, generator, diffusion.betas.device)
     trajectory = []
     steps = sampler.iterate(backbone, diffusion, x_T, generator, clip_denoised, progress)
     for j, (t, x, pred_x0) in enumerate(steps):

@@ -49,6 +49,15 @@ def normal_draws(
         yield out
 
 
+def initial_noise(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    """x_T ~ N(0, I): the generator's next draw, on its device (the CPU when None), moved to
+    `device`, as `normal_draws`' first draw would be (so a seed gives x_T on any device)."""
+    source = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(shape, generator=generator, device=source).to(device)
+
+
 def run_chain(
     chain: GaussianDiffusion,
     model: Model,
@@ -99,9 +108,10 @@ def denoiser(
     """x_0(x, t): the network called at step t of the trained chain, its output read as the
     predicted x_0 by the parameterisation (clamped to [-1, 1] when `clip_denoised`)."""
     p, ks = diffusion.parameterisation, diffusion.step_coefficients()
+    network_t = diffusion.timestep_map.tolist()  # once: no read-back from the device per call
 
     def x0(x: torch.Tensor, t: int) -> torch.Tensor:
-        model_t = torch.full((x.shape[0],), int(diffusion.timestep_map[t]), device=x.device)
+        model_t = torch.full((x.shape[0],), network_t[t], device=x.device)
         return p.denoised(ks[t], model(x, model_t, **model_kwargs), x, clip_denoised)[0]
 
     return x0
@@ -128,6 +138,7 @@ class Sampler:
     option: str  # its conf/sampler/<option>.yaml
     steps: int | None = None
     spacing: str = "linspace"
+    noisy = True  # whether `steps_on`'s steps use noise (one draw a step)
 
     def timesteps(self, diffusion: GaussianDiffusion) -> torch.Tensor:
         """The trained chain's steps at which the network is called, int64 [K], descending."""
@@ -147,11 +158,10 @@ class Sampler:
     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         chain = self.respaced(diffusion)
         step = self.steps_on(chain, clip_denoised)
+        network_t = chain.timestep_map.tolist()  # once: no read-back from the device per step
         steps = run_chain(chain, model, x_T, step, generator, progress, self.noisy, **model_kwargs)
         for i, x, x0 in steps:
-            yield int(chain.timestep_map[i]), x, x0
-
-    noisy = True  # whether `steps_on`'s steps use noise (one draw a step)
+            yield network_t[i], x, x0
 
     def steps_on(self, chain: GaussianDiffusion, clip_denoised: bool) -> Step:
         """The step function of `run_chain` on the (respaced) chain."""

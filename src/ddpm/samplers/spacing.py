@@ -44,9 +44,9 @@ def _place(spacing: str, steps: int, alphas_cumprod: np.ndarray) -> np.ndarray:
     return kept
 
 
-def _placed(spacing: str, steps: int, alphas_cumprod: np.ndarray) -> bool:
-    kept = _place(spacing, steps, alphas_cumprod)
-    inside = kept[0] >= 0 and kept[-1] < len(alphas_cumprod)
+def _placed(kept: np.ndarray, steps: int, T: int) -> bool:
+    """Whether `kept` is `steps` distinct steps of a chain of T."""
+    inside = kept[0] >= 0 and kept[-1] < T
     return len(kept) == steps and bool((np.diff(kept) > 0).all()) and inside
 
 
@@ -62,11 +62,12 @@ def spaced_timesteps(spacing: str, steps: int, alphas_cumprod: torch.Tensor) -> 
             f"sampler.steps={steps!r} is invalid: it must be an integer in [1, {T}] (the trained "
             f"chain's T = {T}), or null for every step where the sampler allows it."
         )
-    if not _placed(spacing, steps, abar):
-        most = next(k for k in range(steps - 1, 0, -1) if _placed(spacing, k, abar))
+    kept = _place(spacing, steps, abar)
+    if not _placed(kept, steps, T):
+        most = next(k for k in range(steps - 1, 0, -1) if _placed(_place(spacing, k, abar), k, T))
         raise ValueError(
             f"sampler.steps={steps} with sampler.spacing={spacing}: the spacing cannot place "
             f"{steps} distinct steps on this chain of T = {T} (at most {most}); use "
             f"sampler.steps<={most} or sampler.spacing=linspace (any steps up to {T})."
         )
-    return torch.from_numpy(_place(spacing, steps, abar)[::-1].copy())
+    return torch.from_numpy(kept[::-1].copy())
