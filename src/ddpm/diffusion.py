@@ -104,12 +104,13 @@ class GaussianDiffusion(nn.Module):
         else:
             model_log_variance = torch.log(torch.cat([first, betas[1:]]))
             model_variance = model_log_variance.exp()
+        alpha, sigma = alphas_cumprod.sqrt(), (1.0 - alphas_cumprod).sqrt()
         buffers = {
             "betas": betas,
             "alphas_cumprod": alphas_cumprod,
             "alphas_cumprod_prev": alphas_cumprod_prev,
-            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
-            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+            "sqrt_alphas_cumprod": alpha,
+            "sqrt_one_minus_alphas_cumprod": sigma,
             "posterior_variance": posterior_variance,
             "posterior_log_variance_clipped": posterior_log_variance_clipped,
             "posterior_mean_coef1": coef1,
@@ -122,13 +123,12 @@ class GaussianDiffusion(nn.Module):
                 prediction, weighting, min_snr_gamma, snr, mean_coef1
             ),
         }
-        schedule = {"alpha": alphas_cumprod.sqrt(), "sigma": (1.0 - alphas_cumprod).sqrt()}
-        x0_x, x0_out = self.parameterisation.x0_coefficients(schedule, mean_coef1, mean_coef2)
+        x0_x, x0_out = self.parameterisation.x0_coefficients(alpha, sigma, mean_coef1, mean_coef2)
         columns = Coefficients(
             x0_x=x0_x,
             x0_out=x0_out,
-            alpha=schedule["alpha"],
-            sigma=schedule["sigma"],
+            alpha=alpha,
+            sigma=sigma,
             mean_x0=coef1,
             mean_x=coef2,
             log_variance=model_log_variance,

@@ -120,11 +120,14 @@ class Parameterisation:
         self.mean_is_output = mean_is_output
 
     def x0_coefficients(
-        self, schedule: dict[str, torch.Tensor], mean_coef1: torch.Tensor, mean_coef2: torch.Tensor
+        self,
+        alpha: torch.Tensor,
+        sigma: torch.Tensor,
+        mean_coef1: torch.Tensor,
+        mean_coef2: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0_x, x0_out) per step, float64: eq. 4 solved for x_0 (eps); the output itself (x0);
         the mean's coefficients inverted (mean); sqrt(abar) x - sqrt(1 - abar) v (v)."""
-        alpha, sigma = schedule["alpha"], schedule["sigma"]
         return {
             "eps": (1.0 / alpha, -sigma / alpha),
             "x0": (torch.zeros_like(alpha), torch.ones_like(alpha)),
