@@ -332,3 +332,31 @@ def test_readme_sampler_study_commands(digits_ckpt: Path, tmp_path: Path) -> Non
             if index == 0:
                 assert 0 < float(row["eval/fid_bootstrap_std"]) < float(row["eval/fid"])
         assert (tmp_path / str(index) / "results.png").is_file()
+
+
+def test_evaluations_that_differ_only_in_the_sampler_share_the_bound(
+    compose_cfg, digits_ckpt: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """eval_after_fit's variants pass evaluate() one `bounds` dict: a variant that changes only
+    the sampler reuses the bound (the same numbers, no second pass over the T terms), one that
+    changes the variance computes its own."""
+    import ddpm.cli.evaluate as evaluate_module
+
+    calls = []
+    real = evaluate_module.bound_bpd
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "bound_bpd", counted)
+    base = [f"ckpt_path={digits_ckpt}", "max_examples=4", "fid.enabled=false", "logger=none"]
+    bounds: dict = {}
+    first = evaluate(compose_cfg(base, config_name="eval"), tmp_path / "a", bounds)
+    ddim = ["sampler=ddim", "sampler.steps=5"]
+    second = evaluate(compose_cfg([*base, *ddim], config_name="eval"), tmp_path / "b", bounds)
+    assert len(calls) == 1 and second["bpd"] == first["bpd"]
+    assert (tmp_path / "b" / "bpd_terms.csv").is_file()
+    other = ["variance=tilde_beta"]
+    third = evaluate(compose_cfg([*base, *other], config_name="eval"), tmp_path / "c", bounds)
+    assert len(calls) == 2 and third["bpd"] != first["bpd"]

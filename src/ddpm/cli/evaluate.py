@@ -15,7 +15,7 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from ddpm.checkpoint import load_trained_for, pick_device
@@ -53,8 +53,17 @@ def write_terms(terms_bpd: list[float], output_dir: Path) -> None:
     Image.fromarray(bpd_terms_figure(terms_bpd)).save(output_dir / "bpd_terms.png")
 
 
-def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    """Compute the configured metrics, write them to `output_dir` and the loggers, print them."""
+# What the bound does not depend on: how samples are drawn and scored, and where things go.
+NOT_IN_THE_BOUND = ("sampler", "fid", "steps", "eta", "batch_size", "device", "logger", "paths")
+
+
+def evaluate(
+    cfg: DictConfig, output_dir: Path, bounds: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Compute the configured metrics, write them to `output_dir` and the loggers, print them.
+    `bounds` keeps the bounds already computed in this process by config (without the keys
+    the bound does not depend on), so that evaluations differing only in their sampler
+    (eval.variants) compute it once."""
     started = time.perf_counter()
     with user_errors():  # every check, before the long work
         trained = load_trained_for(cfg)
@@ -82,9 +91,17 @@ def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "network_calls": len(sampler.timesteps(trained.diffusion)),  # per sample
     }
     if "bpd" in datamodule.scores and cfg.bpd:
-        bound = bound_bpd(
-            trained, data, datamodule.num_levels, cfg.batch_size, cfg.seed, device, clip
-        )
+        kept = [k for k in cfg if k not in NOT_IN_THE_BOUND]
+        key = json.dumps(OmegaConf.to_container(OmegaConf.masked_copy(cfg, kept), resolve=True),
+                         sort_keys=True, default=str) + f"|clip={clip}"  # fmt: skip
+        if bounds is not None and key in bounds:
+            bound = dict(bounds[key])
+        else:
+            bound = bound_bpd(
+                trained, data, datamodule.num_levels, cfg.batch_size, cfg.seed, device, clip
+            )
+            if bounds is not None:
+                bounds[key] = dict(bound)
         terms_bpd = bound.pop("terms_bpd")
         if world()[0] == 0:
             output_dir.mkdir(parents=True, exist_ok=True)

@@ -279,13 +279,14 @@ def evaluate_after_fit(
     variant), its headline numbers as `test/...` (`test/<name>/...`) sent to the run's loggers
     at the last step."""
     headline: dict[str, float] = {}
+    bounds: dict[str, dict] = {}  # a variant that changes only the sampler reuses the bound
     for name, evaluation in evaluations.items():
         if not Path(evaluation.ckpt_path).is_file():
             raise ValueError(
                 f"eval_after_fit=true needs {evaluation.ckpt_path}, which this run did not "
                 "write: keep callbacks.checkpoint (save_last) on."
             )
-        found = evaluate(evaluation, output_dir / "eval" / name)
+        found = evaluate(evaluation, output_dir / "eval" / name, bounds)
         headline.update(headline_metrics(found, f"test/{name}/" if name else "test/"))
     for logger in run.trainer.loggers:
         logger.log_metrics(headline, step=run.trainer.global_step)
