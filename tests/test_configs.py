@@ -350,7 +350,8 @@ def test_val_bpd_cadence_is_kept_in_checkpoints(compose_cfg) -> None:
 def test_the_sampler_group_reaches_the_grid_and_the_evaluations(compose_cfg) -> None:
     """`sampler@callbacks.samples.sampler=` and `sampler@eval.sampler=` choose the validation
     grid's and eval_after_fit's sampler with their keys; an eval variant chooses one as on
-    ddpm-eval's command line (`sampler: ddim`, `sampler.steps: 5`), over the eval node's."""
+    ddpm-eval's command line (`sampler: ddim`, `sampler.steps: 5`), over the eval node's, and
+    the likelihoods (`likelihood: [bound, ode]`, `ode.divergence: ...`) likewise."""
     from ddpm.callbacks import SampleGrid
     from ddpm.cli.train import eval_config
     from ddpm.samplers import DDIM, Ancestral, DPMSolver
@@ -360,7 +361,8 @@ def test_the_sampler_group_reaches_the_grid_and_the_evaluations(compose_cfg) -> 
         "timesteps=50", "logger=none", "eval_after_fit=true",
         "sampler@callbacks.samples.sampler=dpm_solver", "callbacks.samples.sampler.steps=5",
         "sampler@eval.sampler=dpm_solver", "eval.sampler.order=3",
-        "eval.variants={ddim5: {sampler: ddim, sampler.steps: 5}, all: {sampler: ancestral}}",
+        "eval.variants={ddim5: {sampler: ddim, sampler.steps: 5}, all: {sampler: ancestral},"
+        " ode: {likelihood: [bound, ode], ode.divergence: hutchinson}}",
     ])  # fmt: skip
     [grid] = [c for c in build(cfg).trainer.callbacks if isinstance(c, SampleGrid)]
     assert isinstance(grid.sampler, DPMSolver) and grid.sampler.steps == 5
@@ -368,3 +370,5 @@ def test_the_sampler_group_reaches_the_grid_and_the_evaluations(compose_cfg) -> 
     assert isinstance(samplers[""], DPMSolver) and samplers[""].order == 3
     assert isinstance(samplers["ddim5"], DDIM) and samplers["ddim5"].steps == 5
     assert isinstance(samplers["all"], Ancestral) and samplers["all"].steps is None
+    ode = eval_config(cfg)["ode"]  # and a variant asks for the ODE's likelihood
+    assert list(ode.likelihood) == ["bound", "ode"] and ode.ode.divergence == "hutchinson"

@@ -70,6 +70,11 @@ EXTRA = {
         "num_samples=16"
     ],
     "ddpm-eval ckpt_path=$CK": ["max_examples=20"],
+    # the exact divergence is 64 backward passes a call; one Hutchinson probe is one
+    "ddpm-eval ckpt_path=$CK likelihood=[bound,ode] fid.enabled=false": [
+        "max_examples=8",
+        "ode.divergence=hutchinson",
+    ],
 }
 
 
@@ -323,8 +328,14 @@ def test_sample_and_evaluate(ckpt: Path, workdir: Path, tmp_path: Path) -> None:
             for name in ("metrics.json", "bpd_terms.csv", "bpd_terms.png"):
                 assert (folder / name).is_file(), (command, name)
             assert "bpd" in output and "clip_denoised" in (folder / "metrics.json").read_text()
+            metrics = json.loads((folder / "metrics.json").read_text())
+            if "likelihood=[bound,ode]" in command:  # the ODE's NLL beside the bound
+                assert len((folder / "ode_terms.csv").read_text().splitlines()) == 1 + 8
+                assert metrics["ode_nfe"] > 10 and math.isfinite(metrics["ode_bpd"]), metrics
+                assert "fid" not in metrics
+                continue
             # the digits' sample score: the classifier's features, 360 samples, beside the floor
-            fid = json.loads((folder / "metrics.json").read_text())["fid"]
+            fid = metrics["fid"]
             assert fid["features"] == "classifier" and fid["num_samples"] == 360
             assert 0 < fid["fid_floor"] < fid["fid"], fid
 
@@ -413,6 +424,9 @@ TRUTH_COMMANDS = {
     ],
     "ddpm-sample backbone=oracle data=gmm sampler=dpm_solver sampler.steps=10": [],
     "ddpm-eval backbone=oracle data=gmm sampler=dpm_solver sampler.steps=10": [],
+    "ddpm-eval backbone=oracle data=gmm likelihood=[ode]": [],
+    "ddpm-eval ckpt_path=outputs/train/gmm-linear-beta/<time>/checkpoints/last.ckpt "
+    "likelihood=[bound,ode]": ["max_examples=300"],
     "ddpm-sample backbone=oracle backbone.distribution=train data=digits": [
         "timesteps=50", "num_samples=32",
     ],
@@ -428,7 +442,8 @@ def test_true_reverse_process_commands(tmp_path: Path) -> None:
     (a perfect network: DDPM's distance to the data at the floor, memorised digits)."""
     listed = commands("The true reverse process")
     assert listed == list(TRUTH_COMMANDS), listed
-    train_gmm, truth_model, gaps_gmm, gaps_digits, solver, solver_eval, memorise = TRUTH_COMMANDS
+    train_gmm, truth_model, gaps_gmm, gaps_digits, solver, solver_eval, *rest = TRUTH_COMMANDS
+    oracle_nll, model_nll, memorise = rest
 
     def words(command: str, *more: str) -> list[str]:
         found = with_overrides(command, [*TRUTH_COMMANDS[command], *more])
@@ -447,6 +462,11 @@ def test_true_reverse_process_commands(tmp_path: Path) -> None:
         "gaps-digits": words(gaps_digits),
         "solver": words(solver),
         "solver-eval": words(solver_eval),
+        "oracle-nll": words(oracle_nll),
+        "model-nll": words(model_nll.replace(
+            "outputs/train/gmm-linear-beta/<time>/checkpoints/last.ckpt",
+            str(tmp_path / "later" / "checkpoints" / "last.ckpt"),
+        )),
         "memorise": words(memorise),
     }  # fmt: skip
     lines = [[*w, f"hydra.run.dir={tmp_path / name}"] for name, w in runs.items()]
@@ -503,6 +523,38 @@ def test_true_reverse_process_commands(tmp_path: Path) -> None:
     assert metrics["network_calls"] == 10
     distance = metrics["energy_distance"]
     assert distance["model"] < distance["gaussian_baseline"] / 2, distance
+
+    # the ODE's NLL with the exact network is each test point's exact NLL, plus the prior's
+    # mismatch at T (the truth's log q_T - log N(0, I) at the x_T the same flow reaches)
+    from ddpm.data.gmm import GaussianMixtureDataModule
+    from ddpm.diffusion import GaussianDiffusion
+    from ddpm.likelihood import ODESettings, ode_nll
+    from ddpm.schedules import make_beta_schedule
+    from ddpm.truth import Oracle
+
+    gmm = GaussianMixtureDataModule()
+    test, mixture = gmm.split("test").double(), gmm.distribution()
+    rows = list(csv.DictReader((tmp_path / "oracle-nll" / "ode_terms.csv").open()))
+    found = torch.tensor([float(r["nll_nats"]) for r in rows], dtype=torch.float64)
+    diffusion = GaussianDiffusion(make_beta_schedule("linear", 1000))
+    flow = ode_nll(diffusion, Oracle(mixture, diffusion), test, ODESettings().check(2))
+    last = torch.full((len(test),), 999)
+    mismatch = mixture.marginal_log_prob(diffusion, flow["x_T"], last) - flow["prior"]
+    error = found - mismatch + mixture.log_prob(test)
+    assert len(rows) == 2000 and error.abs().max() < 1e-3, error.abs().max()
+    oracle = json.loads((tmp_path / "oracle-nll" / "metrics.json").read_text())
+    assert "bpd" not in oracle and oracle["ode_nfe"] > 50  # likelihood=[ode]: no bound
+    table_row = json.loads((tmp_path / "oracle-nll" / "results.json").read_text())["metrics"]
+    assert table_row["eval/ode_bpd"] == oracle["ode_bpd"]  # a sweep's table shows it
+    # a trained model's: not below the exact NLL beyond its standard error (cross-entropy is at
+    # least the entropy), reported beside its bound on the same 300 examples
+    model = json.loads((tmp_path / "model-nll" / "metrics.json").read_text())
+    rows = list(csv.DictReader((tmp_path / "model-nll" / "ode_terms.csv").open()))
+    excess = torch.tensor([float(r["nll_nats"]) for r in rows], dtype=torch.float64)
+    excess += mixture.log_prob(test[:300])
+    assert excess.mean() > -3 * excess.std() / math.sqrt(len(excess)), excess.mean()
+    assert model["num_examples"] == len(rows) == 300
+    assert {"bpd", "ode_bpd", "ode_bpd_stderr", "exact_bpd"} <= set(model)
     # the empirical distribution's oracle regenerates training digits, level for level
     from ddpm.data import DigitsDataModule
 

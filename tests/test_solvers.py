@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddpm.diffusion import GaussianDiffusion
-from ddpm.samplers import DDIM, Ancestral, DPMSolver, UniPC, spaced_timesteps
+from ddpm.samplers import DDIM, ODE, Ancestral, DPMSolver, UniPC, spaced_timesteps
 from ddpm.schedules import make_beta_schedule
 from ddpm.truth import GaussianMixture, Oracle
 
@@ -221,6 +221,21 @@ def test_ode_samplers_converge_to_the_flow_at_their_order(sampler, slope: int) -
     assert abs(fitted - slope) < 0.5, (fitted, errors)
 
 
+def test_the_ode_sampler_is_the_flow() -> None:
+    """sampler=ode (torchdiffeq's dopri5 in lambda and x, the network at fractional steps) at
+    rtol = atol = 1e-8 ends where scipy's DOP853 integration of the flow in y = x / alpha does,
+    within 1e-6: the reference the fixed-step solvers converge to."""
+    diffusion = GaussianDiffusion(make_beta_schedule("linear", 1000))
+    mixture = GaussianMixture(
+        torch.from_numpy(MEANS), torch.from_numpy(VARIANCES), torch.from_numpy(WEIGHTS)
+    )
+    x_T = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sampler = ODE(rtol=1e-8, atol=1e-8)
+    found = sampler.sample(Oracle(mixture, diffusion), diffusion, x_T).numpy()
+    np.testing.assert_allclose(found, flow(diffusion, x_T.numpy()), rtol=0, atol=1e-6)
+    assert sampler.network_calls(diffusion) > 100  # measured: the integrator's choice
+
+
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_third_order_step_has_local_error_h4(stochastic: bool) -> None:
     """One third-order step (from x = 0, so only the data term is left) against the integral of
@@ -272,6 +287,7 @@ ALL_KINDS = [
     UniPC(10, order=3),
     DDIM(10, eta=0.5),
     Ancestral(10),
+    ODE(),
 ]
 
 

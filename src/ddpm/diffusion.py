@@ -4,6 +4,11 @@ and the samplers (`ddpm.samplers`).
 
 Time steps are 0-based: t = 0 is the paper's t = 1 and t = T-1 its t = T. Schedule buffers are
 float64; every result is cast to the dtype of the input x.
+
+Continuous time (the probability-flow ODE, `ddpm.samplers.ode`): a fractional step s in [-1, T-1]
+has log alpha (alpha = sqrt(abar)) linear in s between the steps' values, as DPM-Solver's
+discrete-time wrapper interpolates them, with the data (abar = 1) one step below the first, at
+s = -1 (see `log_alpha_at`). Methods that take t accept such s as a floating-point tensor.
 """
 
 from __future__ import annotations
@@ -105,7 +110,12 @@ class GaussianDiffusion(nn.Module):
             model_log_variance = torch.log(torch.cat([first, betas[1:]]))
             model_variance = model_log_variance.exp()
         alpha, sigma = alphas_cumprod.sqrt(), (1.0 - alphas_cumprod).sqrt()
+        # log alpha at s = -1 (the data), 0, ..., T-1: the knots of the continuous time
+        self.is_trained_chain = mean_coefficients is None and bool(
+            (timestep_map == torch.arange(T)).all()
+        )
         buffers = {
+            "log_alpha_knots": 0.5 * torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod]).log(),
             "betas": betas,
             "alphas_cumprod": alphas_cumprod,
             "alphas_cumprod_prev": alphas_cumprod_prev,
@@ -155,9 +165,57 @@ class GaussianDiffusion(nn.Module):
         return buffer[t].to(x.dtype).reshape(t.shape[0], *((1,) * (x.ndim - 1)))
 
     def coefficients(self, t: torch.Tensor, x: torch.Tensor) -> Coefficients:
-        """Each example's step's `Coefficients`, tensors [B, 1, ..., 1] in x's dtype."""
-        rows = self.coefficient_table[t].to(x.dtype)
+        """Each example's step's `Coefficients`, tensors [B, 1, ..., 1] in x's dtype. At a
+        fractional step s (a floating-point t) those of x_0, eps and the mean follow from the
+        continuous schedule (abar at s, and at s - 1 for the mean's posterior); the variance's
+        are the nearest step's (a variance belongs to a step of the chain)."""
+        if t.is_floating_point():
+            nearest = self.coefficient_table[t.round().clamp(0, self.num_timesteps - 1).long()]
+            rows = torch.cat([self._continuous_columns(t), nearest[:, 6:]], dim=1).to(x.dtype)
+        else:
+            rows = self.coefficient_table[t].to(x.dtype)
         return Coefficients(*rows.T.reshape(-1, t.shape[0], *((1,) * (x.ndim - 1))))
+
+    def _continuous_columns(self, s: torch.Tensor) -> torch.Tensor:
+        """The first six `Coefficients` at fractional steps s, float64 [B, 6]: eq. 4 and the
+        posterior of eq. 7 from s - 1 (abar = 1 below s = 0) to s."""
+        if not self.is_trained_chain:
+            raise ValueError(
+                "a fractional step needs the trained chain (this one is respaced): use the "
+                "chain the network was trained on."
+            )
+        log_alpha = self.log_alpha_at(s)
+        log_alpha_prev = self.log_alpha_at(s - 1)
+        one_minus_abar = -torch.expm1(2 * log_alpha)
+        beta = -torch.expm1(2 * (log_alpha - log_alpha_prev))
+        alpha, sigma = log_alpha.exp(), one_minus_abar.sqrt()
+        coef1 = beta * log_alpha_prev.exp() / one_minus_abar
+        coef2 = -torch.expm1(2 * log_alpha_prev) * (1 - beta).sqrt() / one_minus_abar
+        x0_x, x0_out = self.parameterisation.x0_coefficients(alpha, sigma, coef1, coef2)
+        return torch.stack([x0_x, x0_out, alpha, sigma, coef1, coef2], dim=1)
+
+    def log_alpha_at(self, s: torch.Tensor) -> torch.Tensor:
+        """log sqrt(abar) at continuous steps s (clamped to [-1, T-1]), float64: linear in s
+        between log sqrt(abar_t) at the steps t = 0..T-1 and 0 at s = -1 (the data, abar = 1)."""
+        knots = self.log_alpha_knots
+        u = s.to(knots.device, torch.float64).clamp(-1, self.num_timesteps - 1) + 1
+        i = u.floor().long().clamp(max=self.num_timesteps - 1)
+        return knots[i] + (u - i) * (knots[i + 1] - knots[i])
+
+    def step_at(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        """The continuous step s in [-1, T-1] where log sqrt(abar) is `log_alpha` (`log_alpha_at`
+        inverted), float64."""
+        knots = self.log_alpha_knots  # decreasing from 0
+        log_alpha = log_alpha.to(knots.device, torch.float64).clamp(knots[-1], 0)
+        i = (torch.searchsorted(-knots, -log_alpha) - 1).clamp(0, self.num_timesteps - 1)
+        return i - 1 + (knots[i] - log_alpha) / (knots[i] - knots[i + 1])
+
+    def alphas_cumprod_at(self, t: torch.Tensor) -> torch.Tensor:
+        """abar at each example's step, float64 [B] on t's device: an integer step's, or at a
+        fractional step the continuous schedule's."""
+        if t.is_floating_point():
+            return (2 * self.log_alpha_at(t)).exp().to(t.device)
+        return self.alphas_cumprod.to(t.device)[t]
 
     def step_coefficients(self) -> list[Coefficients]:
         """Per step i of the chain its `Coefficients` as float64-exact Python numbers: a sampler's

@@ -22,7 +22,7 @@ VOLATILE_KEYS = ("ckpt_path", "paths", "logger", "run_name", "tags")
 # training (val/fid, val/kid), everything eval_after_fit measured (test/...) and, in a sweep of
 # ddpm-eval, what it measured (eval/...).
 TABLE_METRICS = ("val/loss", "val/bpd", "val/fid", "val/kid", "test/", "eval/")
-PLOTTED = ("loss", "bpd", "fid", "energy_distance")  # results.png: these against the swept keys
+PLOTTED = ("loss", "bpd", "ode_bpd", "fid", "energy_distance")  # results.png: these against the swept keys
 
 
 def config_digest(run_config: dict[str, Any]) -> str:
@@ -43,11 +43,14 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 def headline_metrics(found: dict[str, Any], prefix: str = "test/") -> dict[str, float]:
     """The numbers a table shows of what ddpm-eval measured (its metrics.json), as
-    `<prefix><name>`: the bound, FID with its floor and bootstrap spread, KID, the energy
-    distance and the network calls per sample."""
+    `<prefix><name>`: the bound, the ODE's NLL and the exact one (when computed), FID with its
+    floor and bootstrap spread, KID, the energy distance and the network calls per sample."""
     fid = found.get("fid") or {}
     values = {
         "bpd": found.get("bpd"),
+        "ode_bpd": found.get("ode_bpd"),
+        "ode_bpd_stderr": found.get("ode_bpd_stderr"),
+        "exact_bpd": found.get("exact_bpd"),
         "fid": fid.get("fid"),
         "fid_floor": fid.get("fid_floor"),
         "fid_bootstrap_std": fid.get("fid_bootstrap_std"),

@@ -17,10 +17,10 @@ from ddpm.checkpoint import Trained
 from ddpm.checks import check_int
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.distributed import batch_seed, gather_in_order, my_share, world
-from ddpm.samplers import DDIM, Ancestral, DPMSolver, Sampler, UniPC
+from ddpm.samplers import DDIM, ODE, Ancestral, DPMSolver, Sampler, UniPC
 from ddpm.samplers.base import initial_noise
 
-SAMPLERS = (Ancestral, DDIM, DPMSolver, UniPC)
+SAMPLERS = (Ancestral, DDIM, DPMSolver, ODE, UniPC)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def old_spelling(node: Any, steps: Any = None, eta: Any = None, key: str = "samp
             new.append(f"{key}.{old_key}={value}")
     raise ValueError(
         f"{' '.join(old)} is now written {' '.join(new)}: the sampler is a config group "
-        "(conf/sampler/: ancestral, ddim, dpm_solver, unipc) with its own keys."
+        "(conf/sampler/: ancestral, ddim, dpm_solver, ode, unipc) with its own keys."
     )
 
 

@@ -92,7 +92,8 @@ class GaussianMixture:
     def denoise(
         self, diffusion: GaussianDiffusion, x_t: torch.Tensor, t: torch.Tensor
     ) -> torch.Tensor:
-        """E[x_0 | x_t], the Bayes-optimal denoiser, in x_t's dtype, [B, *shape].
+        """E[x_0 | x_t], the Bayes-optimal denoiser, in x_t's dtype, [B, *shape] (t may be a
+        fractional step of the continuous schedule, see `ddpm.diffusion`).
 
         Given component k, x_t ~ N(sqrt(abar) m_k, s_k I) with s_k = abar v_k + 1 - abar, and
         x_0 | x_t, k is Gaussian with mean m_k + (v_k sqrt(abar) / s_k) (x_t - sqrt(abar) m_k);
@@ -100,7 +101,7 @@ class GaussianMixture:
         """
         out = []
         for x, tt in self._chunks(x_t, t):
-            abar = _at(diffusion.alphas_cumprod, tt)
+            abar = diffusion.alphas_cumprod_at(tt)
             log_r = self._log_responsibilities(x, abar)
             r = log_r.exp()
             gain = self.variances * abar.sqrt()[:, None] / _noised_variance(abar, self.variances)
@@ -205,10 +206,10 @@ class GaussianMixture:
     def marginal_log_prob(
         self, diffusion: GaussianDiffusion, x_t: torch.Tensor, t: torch.Tensor
     ) -> torch.Tensor:
-        """log q(x_t), [B] (nats): the mixture noised to step t."""
+        """log q(x_t), [B] (nats): the mixture noised to step t (or a fractional step)."""
         out = []
         for x, tt in self._chunks(x_t, t):
-            abar = _at(diffusion.alphas_cumprod, tt)
+            abar = diffusion.alphas_cumprod_at(tt)
             log_n = _log_normal(x, self._flat, abar.sqrt(), _noised_variance(abar, self.variances))
             out.append(torch.logsumexp(self.weights.log() + log_n, dim=1))
         return torch.cat(out)
@@ -315,7 +316,9 @@ class Oracle(nn.Module):
     the diffusion's prediction stands for, computed from E[x_0 | x_t] (eps, x_0, the mean or v:
     `loss_target` of the optimal x_0 and the eps it implies), and with a learned variance the
     variance per dimension of the true reverse step (log sigma^2, or v of `learned_range`,
-    which may lie outside [-1, 1]). `t` is the trained chain's step, as a network sees it.
+    which may lie outside [-1, 1]). `t` is the trained chain's step, as a network sees it, or a
+    fractional step of the continuous schedule (the probability-flow ODE), where the variance is
+    the nearest step's (the ODE does not use it).
     It has no weights: `backbone=oracle` in ddpm-sample, ddpm-eval and ddpm-truth."""
 
     def __init__(self, distribution: GaussianMixture, diffusion: GaussianDiffusion) -> None:
@@ -336,6 +339,9 @@ class Oracle(nn.Module):
         prediction = p.target(k, x0, x64, p.eps(k, x0, x64))
         if not diffusion.learned_variance:
             return prediction.to(x.dtype)
+        if t.is_floating_point():
+            t = t.round().clamp(0, diffusion.num_timesteps - 1).long()
+            k = diffusion.coefficients(t, x64)
         log_variance = self.distribution.reverse_variance(diffusion, x64, t).log()
         values = p.values(k, log_variance)
         return torch.cat([prediction, values], dim=1).to(x.dtype)

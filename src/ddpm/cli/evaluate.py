@@ -1,19 +1,22 @@
 """`ddpm-eval ckpt_path=...` (or `python -m ddpm.cli.evaluate`): evaluate a trained checkpoint.
 
-Writes metrics.json, the per-t terms of the bound (bpd_terms.csv, bpd_terms.png) and prints a
-table: what the data module scores its examples by (`scores`): the NLL bound in bits/dim and
-FID/KID for images, energy and sliced Wasserstein distances for 2-D points.
+Writes metrics.json and prints a table: the likelihoods of `likelihood` in bits/dim (the bound,
+with its per-t terms in bpd_terms.csv and bpd_terms.png; the probability-flow ODE's exact NLL,
+per example in ode_terms.csv), and what the data module scores its samples by (`scores`): FID/KID
+for images, energy and sliced Wasserstein distances for points.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -25,6 +28,7 @@ from ddpm.config import CONFIG_PATH
 from ddpm.data.base import SPLITS
 from ddpm.distributed import world
 from ddpm.figures import bpd_terms_figure
+from ddpm.likelihood import ODESettings, check_likelihoods, ode_bpd
 from ddpm.loggers import flatten_numbers, log_results
 from ddpm.metrics import (
     FEATURES,
@@ -36,12 +40,45 @@ from ddpm.metrics import (
 )
 from ddpm.results import headline_metrics, write_run_results
 from ddpm.sampling import check_sampling, generate, sampler_of
+from ddpm.truth import mean_and_stderr
 
 
 def check_split(split: str, key: str = "split") -> str:
     """A split name, or a one-sentence ValueError naming `key`."""
     check_choice(key, split, SPLITS)
     return split
+
+
+def write_ode_terms(rows: list[dict[str, Any]], output_dir: Path) -> None:
+    """ode_terms.csv: per example (its index in the split) the ODE's NLL and its network calls."""
+    with (output_dir / "ode_terms.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def check_likelihood_keys(cfg: DictConfig, dim: int) -> tuple[list[str], ODESettings]:
+    """`likelihood` and `ode.` checked (the old `bpd=` refused with its new spelling)."""
+    if cfg.get("bpd") is not None:
+        new = "likelihood=[bound]" if cfg.bpd else "likelihood=[]"
+        raise ValueError(
+            f"bpd={str(cfg.bpd).lower()} is now written {new}: the key likelihood lists the "
+            "likelihoods measured (bound, ode)."
+        )
+    likelihoods = check_likelihoods(cfg.likelihood)
+    settings = ODESettings(**OmegaConf.to_container(cfg.ode, resolve=True))
+    return likelihoods, settings.check(dim if "ode" in likelihoods else None)
+
+
+def exact_bpd(datamodule: Any, data: torch.Tensor) -> dict[str, float]:
+    """For continuous data whose distribution is known (gmm, toy2d 8gaussians): the exact NLL of
+    the examples in bits/dim (`exact_bpd`, `exact_bpd_stderr`), beside the model's; else {}."""
+    known = datamodule.distribution()
+    if datamodule.num_levels is not None or known is None:
+        return {}
+    bpd = -known.log_prob(data.double()) / (known.dim * math.log(2))
+    mean, stderr = mean_and_stderr(bpd)
+    return {"exact_bpd": mean, "exact_bpd_stderr": stderr}
 
 
 def write_terms(terms_bpd: list[float], output_dir: Path) -> None:
@@ -53,17 +90,21 @@ def write_terms(terms_bpd: list[float], output_dir: Path) -> None:
     Image.fromarray(bpd_terms_figure(terms_bpd)).save(output_dir / "bpd_terms.png")
 
 
-# What the bound does not depend on: how samples are drawn and scored, and where things go.
-NOT_IN_THE_BOUND = ("sampler", "fid", "steps", "eta", "batch_size", "device", "logger", "paths")
+# What the likelihoods do not depend on: how samples are drawn and scored, which likelihoods are
+# asked for, and where things go.
+NOT_IN_THE_LIKELIHOODS = (
+    "sampler", "fid", "steps", "eta", "batch_size", "device", "logger", "paths", "likelihood",
+    "ode",
+)  # fmt: skip
 
 
 def evaluate(
-    cfg: DictConfig, output_dir: Path, bounds: dict[str, dict[str, Any]] | None = None
+    cfg: DictConfig, output_dir: Path, likelihoods: dict[str, dict[str, Any]] | None = None
 ) -> dict[str, Any]:
     """Compute the configured metrics, write them to `output_dir` and the loggers, print them.
-    `bounds` keeps the bounds already computed in this process by config (without the keys
-    the bound does not depend on), so that evaluations differing only in their sampler
-    (eval.variants) compute it once."""
+    `likelihoods` keeps the likelihoods already computed in this process by config (without the
+    keys they do not depend on), so that evaluations differing only in their sampler
+    (eval.variants) compute each once."""
     started = time.perf_counter()
     with user_errors():  # every check, before the long work
         trained = load_trained_for(cfg)
@@ -76,6 +117,7 @@ def evaluate(
             check_choice("fid.features", cfg.fid.features, FEATURES)
         num_samples = (cfg.fid.num_samples or 1) if fid_wanted else len(data)
         sampler = check_sampling(trained.diffusion, num_samples, cfg.batch_size, sampler_of(cfg))
+        wanted, ode_settings = check_likelihood_keys(cfg, data[0].numel())
     device = pick_device(cfg.device)
     if cfg.max_examples is not None:
         data = data[: cfg.max_examples]
@@ -87,26 +129,47 @@ def evaluate(
         "prediction": trained.diffusion.prediction,
         "timesteps": trained.diffusion.num_timesteps,
         "clip_denoised": clip,
-        "sampler": {"name": sampler.option, **vars(sampler)},
-        "network_calls": len(sampler.timesteps(trained.diffusion)),  # per sample
+        "sampler": {"name": sampler.option}
+        | {k: v for k, v in vars(sampler).items() if not k.startswith("_")},
+        "network_calls": sampler.network_calls(trained.diffusion),  # per sample
     }
-    if "bpd" in datamodule.scores and cfg.bpd:
-        kept = [k for k in cfg if k not in NOT_IN_THE_BOUND]
-        key = json.dumps(OmegaConf.to_container(OmegaConf.masked_copy(cfg, kept), resolve=True),
-                         sort_keys=True, default=str) + f"|clip={clip}"  # fmt: skip
-        if bounds is not None and key in bounds:
-            bound = dict(bounds[key])
-        else:
-            bound = bound_bpd(
+    kept = [k for k in cfg if k not in NOT_IN_THE_LIKELIHOODS]
+    key = json.dumps(OmegaConf.to_container(OmegaConf.masked_copy(cfg, kept), resolve=True),
+                     sort_keys=True, default=str)  # fmt: skip
+    likelihoods = {} if likelihoods is None else likelihoods
+    if wanted:
+        metrics.update(num_examples=len(data), num_levels=datamodule.num_levels)
+        metrics.update(exact_bpd(datamodule, data))
+    if "bound" in wanted:
+        bound_key = f"bound|{key}|clip={clip}"
+        if bound_key not in likelihoods:
+            likelihoods[bound_key] = bound_bpd(
                 trained, data, datamodule.num_levels, cfg.batch_size, cfg.seed, device, clip
             )
-            if bounds is not None:
-                bounds[key] = dict(bound)
+        bound = dict(likelihoods[bound_key])
         terms_bpd = bound.pop("terms_bpd")
         if world()[0] == 0:
             output_dir.mkdir(parents=True, exist_ok=True)
             write_terms(terms_bpd, output_dir)
-        metrics.update(bound, num_examples=len(data), num_levels=datamodule.num_levels)
+        metrics.update(bound)
+    if "ode" in wanted:
+        ode_key = f"ode|{key}|{ode_settings}"
+        if ode_key not in likelihoods:
+            likelihoods[ode_key] = ode_bpd(
+                trained, data, datamodule.num_levels, ode_settings, cfg.batch_size, cfg.seed,
+                device,
+            )  # fmt: skip
+        ode = dict(likelihoods[ode_key])
+        rows = ode.pop("rows")
+        if world()[0] == 0:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            write_ode_terms(rows, output_dir)
+        dequantized = datamodule.num_levels is not None
+        metrics.update(ode)
+        metrics["ode"] = {
+            **vars(ode_settings),
+            "dequantization": ode_settings.dequantization if dequantized else None,
+        }
     if fid_wanted:
         metrics["fid"] = None
         features, kind = score_features(
@@ -135,6 +198,7 @@ def evaluate(
         second = datamodule.second_draw(len(data))
         metrics["num_samples"], metrics["held_out_split"] = len(data), cfg.split
         metrics.update(point_distances(samples, data, second, datamodule.train_data, cfg.seed))
+    metrics["network_calls"] = sampler.network_calls(trained.diffusion)  # sampler=ode's: measured
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     if world()[0] != 0:
         return metrics  # rank 0 writes and logs

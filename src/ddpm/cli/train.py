@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
 import time
@@ -29,7 +30,7 @@ from ddpm.checkpoint import (
     read_checkpoint,
 )
 from ddpm.cli.common import quiet_known_noise, user_errors
-from ddpm.cli.evaluate import check_split, evaluate
+from ddpm.cli.evaluate import check_likelihood_keys, check_split, evaluate
 from ddpm.config import CONFIG_PATH, group_option
 from ddpm.diffusion import output_channels
 from ddpm.loggers import finish_wandb, guard_logger
@@ -247,6 +248,7 @@ def eval_config(cfg: DictConfig) -> dict[str, DictConfig] | None:
     variants = {"": {}, **(OmegaConf.to_container(asked, resolve=True) if asked else {})}
     trained = OmegaConf.to_container(cfg.diffusion, resolve=True)
     diffusion = instantiate(cfg.diffusion)
+    dim = math.prod(instantiate(cfg.data).data_shape)  # the examples' (their splits not loaded)
     configs = {}
     for name, keys in variants.items():
         key_prefix = f"eval.variants.{name}." if name else "eval."
@@ -266,6 +268,7 @@ def eval_config(cfg: DictConfig) -> dict[str, DictConfig] | None:
         try:
             check_split(evaluation.split)
             check_sampling(diffusion, 1, evaluation.batch_size, sampler_of(evaluation))
+            check_likelihood_keys(evaluation, dim)
         except ValueError as error:  # its message starts with the key
             raise ValueError(f"{key_prefix}{error}") from error
         configs[name] = evaluation
@@ -279,14 +282,14 @@ def evaluate_after_fit(
     variant), its headline numbers as `test/...` (`test/<name>/...`) sent to the run's loggers
     at the last step."""
     headline: dict[str, float] = {}
-    bounds: dict[str, dict] = {}  # a variant that changes only the sampler reuses the bound
+    likelihoods: dict[str, dict] = {}  # a variant that changes only the sampler reuses them
     for name, evaluation in evaluations.items():
         if not Path(evaluation.ckpt_path).is_file():
             raise ValueError(
                 f"eval_after_fit=true needs {evaluation.ckpt_path}, which this run did not "
                 "write: keep callbacks.checkpoint (save_last) on."
             )
-        found = evaluate(evaluation, output_dir / "eval" / name, bounds)
+        found = evaluate(evaluation, output_dir / "eval" / name, likelihoods)
         headline.update(headline_metrics(found, f"test/{name}/" if name else "test/"))
     for logger in run.trainer.loggers:
         logger.log_metrics(headline, step=run.trainer.global_step)

@@ -117,7 +117,7 @@ class TensorDataModule(pl.LightningDataModule):
     """
 
     num_levels: int | None = None
-    scores: tuple[str, ...] = ()  # what ddpm-eval measures: "bpd", "fid", "distances"
+    scores: tuple[str, ...] = ()  # how ddpm-eval scores samples: "fid", "distances"
     trajectory_examples = 8  # how many samples a trajectory figure follows
 
     def show(self, samples: torch.Tensor, title: str = "") -> np.ndarray:
@@ -264,7 +264,7 @@ class ImageDataModule(TensorDataModule):
     as uint8 levels, scored by the bound in bits/dim and by FID/KID."""
 
     num_levels: int = 256
-    scores = ("bpd", "fid")
+    scores = ("fid",)
 
     def show(self, samples: torch.Tensor, title: str = "") -> np.ndarray:
         """The first 64 samples as a grid (small images upscaled, nearest-neighbour)."""

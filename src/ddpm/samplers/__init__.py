@@ -5,6 +5,7 @@ from ddpm.samplers.ancestral import Ancestral
 from ddpm.samplers.base import Sampler, normal_draws
 from ddpm.samplers.ddim import DDIM
 from ddpm.samplers.dpm_solver import DPMSolver
+from ddpm.samplers.ode import ODE
 from ddpm.samplers.spacing import SPACINGS, spaced_timesteps
 from ddpm.samplers.unipc import UniPC
 
@@ -13,6 +14,7 @@ __all__ = [
     "SPACINGS",
     "Ancestral",
     "DPMSolver",
+    "ODE",
     "Sampler",
     "UniPC",
     "normal_draws",

@@ -146,6 +146,10 @@ class Sampler:
             return torch.arange(diffusion.num_timesteps - 1, -1, -1)
         return spaced_timesteps(self.spacing, self.steps, diffusion.alphas_cumprod)
 
+    def network_calls(self, diffusion: GaussianDiffusion) -> float | None:
+        """Network calls per sample: one per step of `timesteps`."""
+        return float(len(self.timesteps(diffusion)))
+
     def iterate(
         self,
         model: Model,
