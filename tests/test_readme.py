@@ -463,10 +463,7 @@ def test_true_reverse_process_commands(tmp_path: Path) -> None:
         "solver": words(solver),
         "solver-eval": words(solver_eval),
         "oracle-nll": words(oracle_nll),
-        "model-nll": words(model_nll.replace(
-            "outputs/train/gmm-linear-beta/<time>/checkpoints/last.ckpt",
-            str(tmp_path / "later" / "checkpoints" / "last.ckpt"),
-        )),
+        "model-nll": words(model_nll, last("later")),
         "memorise": words(memorise),
     }  # fmt: skip
     lines = [[*w, f"hydra.run.dir={tmp_path / name}"] for name, w in runs.items()]

@@ -22,7 +22,8 @@ VOLATILE_KEYS = ("ckpt_path", "paths", "logger", "run_name", "tags")
 # training (val/fid, val/kid), everything eval_after_fit measured (test/...) and, in a sweep of
 # ddpm-eval, what it measured (eval/...).
 TABLE_METRICS = ("val/loss", "val/bpd", "val/fid", "val/kid", "test/", "eval/")
-PLOTTED = ("loss", "bpd", "ode_bpd", "fid", "energy_distance")  # results.png: these against the swept keys
+# results.png: these against the swept keys
+PLOTTED = ("loss", "bpd", "ode_bpd", "fid", "energy_distance")
 
 
 def config_digest(run_config: dict[str, Any]) -> str:
