@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import sys
@@ -18,6 +19,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ddpm.results import collect, write_table
 
+
+def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
+    """Rows of equal keys as a CSV file."""
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 def user_error_message(error: BaseException) -> str | None:
     """The one-sentence message of a configuration error, or None if it is not one."""

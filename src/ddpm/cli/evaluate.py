@@ -23,7 +23,7 @@ from PIL import Image
 
 from ddpm.checkpoint import load_trained_for, pick_device
 from ddpm.checks import check_choice
-from ddpm.cli.common import quiet_known_noise, user_errors
+from ddpm.cli.common import quiet_known_noise, user_errors, write_rows
 from ddpm.config import CONFIG_PATH
 from ddpm.data.base import SPLITS
 from ddpm.distributed import world
@@ -47,14 +47,6 @@ def check_split(split: str, key: str = "split") -> str:
     """A split name, or a one-sentence ValueError naming `key`."""
     check_choice(key, split, SPLITS)
     return split
-
-
-def write_ode_terms(rows: list[dict[str, Any]], output_dir: Path) -> None:
-    """ode_terms.csv: per example (its index in the split) the ODE's NLL and its network calls."""
-    with (output_dir / "ode_terms.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def check_likelihood_keys(cfg: DictConfig, dim: int) -> tuple[list[str], ODESettings]:
@@ -163,7 +155,7 @@ def evaluate(
         rows = ode.pop("rows")
         if world()[0] == 0:
             output_dir.mkdir(parents=True, exist_ok=True)
-            write_ode_terms(rows, output_dir)
+            write_rows(rows, output_dir / "ode_terms.csv")  # per example, by its index
         dequantized = datamodule.num_levels is not None
         metrics.update(ode)
         metrics["ode"] = {

@@ -11,7 +11,6 @@ reverse process. Writes gaussianity.json, gaussianity.csv and gaussianity.png.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
@@ -27,7 +26,7 @@ from PIL import Image
 
 from ddpm.checkpoint import ORACLE_TARGET, is_oracle, load_trained_for, pick_device
 from ddpm.checks import check_int
-from ddpm.cli.common import quiet_known_noise, user_errors
+from ddpm.cli.common import quiet_known_noise, user_errors, write_rows
 from ddpm.config import CONFIG_PATH
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.figures import gaussianity_figure, truth_figure
@@ -52,14 +51,6 @@ def check_settings(cfg: DictConfig) -> None:
         )
     for value in timesteps:
         check_int("gaussianity.timesteps", value)
-
-
-def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
-    """Rows of equal keys as a CSV file."""
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def steps_with_density(num_timesteps: int, distribution: Any) -> int:
