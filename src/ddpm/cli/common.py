@@ -27,6 +27,7 @@ def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
 
+
 def user_error_message(error: BaseException) -> str | None:
     """The one-sentence message of a configuration error, or None if it is not one."""
     while isinstance(error, InstantiationException) and error.__cause__ is not None:
