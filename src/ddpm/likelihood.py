@@ -30,7 +30,14 @@ from tqdm.auto import tqdm
 from ddpm.checks import check_choice, check_int
 from ddpm.distributed import batch_seed, gather_in_order, my_share
 from ddpm.samplers.base import Model
-from ddpm.samplers.ode import check_tolerances, flow_denoiser, lambda_at, lambda_at_data, odeint
+from ddpm.samplers.ode import (
+    check_tolerances,
+    drift,
+    flow_denoiser,
+    lambda_at,
+    lambda_at_data,
+    odeint,
+)
 
 LIKELIHOODS = ("bound", "ode")
 DIVERGENCES = ("auto", "exact", "hutchinson")
@@ -133,8 +140,7 @@ def ode_nll(
             xx = state[0].detach().requires_grad_(True)
             x0 = x0_at(xx, lam)
             div_x0 = divergence(x0, xx, probes)
-        dx = alpha * (x0.detach() - alpha * state[0])
-        return dx, alpha * div_x0 - alpha2 * dim
+        return drift(state[0], x0.detach(), lam), alpha * div_x0 - alpha2 * dim
 
     start, end = lambda_at_data(diffusion), lambda_at(diffusion, diffusion.num_timesteps - 1)
     zero = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.samplers.ode import input_dtype
 
 # Elements of a [B, K, D] intermediate per chunk (float64: 32 MiB); batches are split to fit.
 CHUNK_ELEMENTS = 2**22
@@ -509,7 +510,7 @@ def truth_terms(
             values.setdefault("gaussian_gap", []).append(gap)
             if model is None:
                 continue
-            dtype = next(iter(_floating(model)), torch.float64)
+            dtype = input_dtype(model)
             out = model(x_t.to(dtype), diffusion.timestep_map[tt]).double()
             mean_p, _, log_variance_p, _ = diffusion.p_mean_variance(out, x_t, tt, clip_denoised)
             kl_g_p = gaussian_kl_full(
@@ -532,9 +533,3 @@ def truth_terms(
             row[name], row[f"{name}_stderr"] = mean_and_stderr(torch.cat(parts))
         rows.append(row)
     return rows
-
-
-def _floating(model: Any) -> Iterator[torch.dtype]:
-    """The dtypes of a module's floating-point parameters (none for a plain function)."""
-    parameters = model.parameters() if isinstance(model, nn.Module) else ()
-    return (p.dtype for p in parameters if p.is_floating_point())

@@ -83,10 +83,9 @@ def write_terms(terms_bpd: list[float], output_dir: Path) -> None:
 
 
 # What the likelihoods do not depend on: how samples are drawn and scored, which likelihoods are
-# asked for, and where things go.
+# asked for, and where things go (the batches do matter: each is seeded on its own).
 NOT_IN_THE_LIKELIHOODS = (
-    "sampler", "fid", "steps", "eta", "batch_size", "device", "logger", "paths", "likelihood",
-    "ode",
+    "sampler", "fid", "steps", "eta", "device", "logger", "paths", "likelihood", "ode",
 )  # fmt: skip
 
 
