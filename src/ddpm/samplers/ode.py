@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 # Where the flow stops before the data (abar = 1, lambda = inf): sigma = 1e-4, abar = 1 - 1e-8.
 # What it leaves out moves x by O(sigma^2) and log p by O(sigma^2) times the data's curvature
-# (below 1e-6 nats for data=gmm); the chain's first step has sigma = sqrt(beta_1), 0.01 for
+# (about 1e-6 nats for data=gmm); the chain's first step has sigma = sqrt(beta_1), 0.01 for
 # linear's.
 SIGMA_AT_DATA = 1e-4
 
