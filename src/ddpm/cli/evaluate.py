@@ -58,7 +58,14 @@ def check_likelihood_keys(cfg: DictConfig, dim: int) -> tuple[list[str], ODESett
             "likelihoods measured (bound, ode)."
         )
     likelihoods = check_likelihoods(cfg.likelihood)
-    settings = ODESettings(**OmegaConf.to_container(cfg.ode, resolve=True))
+    keys = OmegaConf.to_container(cfg.ode, resolve=True)
+    allowed = list(ODESettings.__dataclass_fields__)
+    for name, value in keys.items():
+        if name not in allowed:
+            raise ValueError(
+                f"ode.{name}={value!r} is not a key of ode: its keys are {', '.join(allowed)}."
+            )
+    settings = ODESettings(**keys)
     return likelihoods, settings.check(dim if "ode" in likelihoods else None)
 
 
