@@ -272,13 +272,20 @@ def test_dpm_solver_is_closest_to_the_data_with_a_perfect_network(compose_cfg, t
         distance = {}
         for sampler in ("dpm_solver", "ddim", "ancestral"):
             overrides = ["backbone=oracle", "data=gmm", f"sampler={sampler}",
-                         f"sampler.steps={calls}", "logger=none"]  # fmt: skip
+                         f"sampler.steps={calls}", "logger=none", "likelihood=[]"]  # fmt: skip
             found = evaluate(compose_cfg(overrides, config_name="eval"), tmp_path / sampler)
             assert found["network_calls"] == calls
             distance[sampler] = found["energy_distance"]["model"]
         floor = found["energy_distance"]["floor_two_held_out_draws"]
         assert distance["dpm_solver"] < min(distance["ddim"], distance["ancestral"]), distance
         assert distance["dpm_solver"] < 0.01 and floor < 0.01, (distance, floor)
+    # sampler=ode, the flow to tolerance: at the floor, its network calls measured
+    overrides = ["backbone=oracle", "data=gmm", "sampler=ode", "logger=none", "likelihood=[]"]
+    found = evaluate(compose_cfg(overrides, config_name="eval"), tmp_path / "ode")
+    assert found["network_calls"] > 50 and found["sampler"] == {
+        "name": "ode", "rtol": 1e-5, "atol": 1e-5, "method": "dopri5"
+    }  # fmt: skip
+    assert found["energy_distance"]["model"] < distance["dpm_solver"] + 0.002, found
 
 
 ALL_KINDS = [

@@ -170,7 +170,7 @@ class GaussianDiffusion(nn.Module):
         continuous schedule (abar at s, and at s - 1 for the mean's posterior); the variance's
         are the nearest step's (a variance belongs to a step of the chain)."""
         if t.is_floating_point():
-            nearest = self.coefficient_table[t.round().clamp(0, self.num_timesteps - 1).long()]
+            nearest = self.coefficient_table[self.nearest_step(t)]
             rows = torch.cat([self._continuous_columns(t), nearest[:, 6:]], dim=1).to(x.dtype)
         else:
             rows = self.coefficient_table[t].to(x.dtype)
@@ -193,6 +193,11 @@ class GaussianDiffusion(nn.Module):
         coef2 = -torch.expm1(2 * log_alpha_prev) * (1 - beta).sqrt() / one_minus_abar
         x0_x, x0_out = self.parameterisation.x0_coefficients(alpha, sigma, coef1, coef2)
         return torch.stack([x0_x, x0_out, alpha, sigma, coef1, coef2], dim=1)
+
+    def nearest_step(self, s: torch.Tensor) -> torch.Tensor:
+        """The chain's step (int64) nearest each continuous step s: where a quantity that belongs
+        to a step (the reverse variance) is read at a fractional one."""
+        return s.round().clamp(0, self.num_timesteps - 1).long()
 
     def log_alpha_at(self, s: torch.Tensor) -> torch.Tensor:
         """log sqrt(abar) at continuous steps s (clamped to [-1, T-1]), float64: linear in s

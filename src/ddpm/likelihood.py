@@ -169,9 +169,7 @@ def ode_bpd(
     draws = settings.dequantization if num_levels is not None else 1
     width = 2.0 / (num_levels - 1) if num_levels is not None else None
     done = []
-    batches = data.split(batch_size)
-    starts = [0, *torch.tensor([len(b) for b in batches]).cumsum(0).tolist()]
-    for index, batch in tqdm(my_share(batches), desc="ode bits/dim"):
+    for index, batch in tqdm(my_share(data.split(batch_size)), desc="ode bits/dim"):
         generator = torch.Generator().manual_seed(batch_seed(seed, index))
         x = batch.to(device, torch.float64)
         log_p, priors, calls = [], [], 0
@@ -192,7 +190,7 @@ def ode_bpd(
         nll = -log_mass.cpu()
         rows = [
             {
-                "example": starts[index] + i,
+                "example": index * batch_size + i,
                 "ode_bpd": value / (dim * math.log(2)),
                 "nll_nats": value,
                 "prior_nats": -p,

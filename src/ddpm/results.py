@@ -44,13 +44,15 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 def headline_metrics(found: dict[str, Any], prefix: str = "test/") -> dict[str, float]:
     """The numbers a table shows of what ddpm-eval measured (its metrics.json), as
-    `<prefix><name>`: the bound, the ODE's NLL and the exact one (when computed), FID with its
-    floor and bootstrap spread, KID, the energy distance and the network calls per sample."""
+    `<prefix><name>`: the bound, the ODE's NLL with its calls per example and the exact NLL
+    (when computed), FID with its floor and bootstrap spread, KID, the energy distance and the
+    network calls per sample (when samples were drawn)."""
     fid = found.get("fid") or {}
     values = {
         "bpd": found.get("bpd"),
         "ode_bpd": found.get("ode_bpd"),
         "ode_bpd_stderr": found.get("ode_bpd_stderr"),
+        "ode_nfe": found.get("ode_nfe"),
         "exact_bpd": found.get("exact_bpd"),
         "fid": fid.get("fid"),
         "fid_floor": fid.get("fid_floor"),

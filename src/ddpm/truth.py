@@ -341,7 +341,7 @@ class Oracle(nn.Module):
         if not diffusion.learned_variance:
             return prediction.to(x.dtype)
         if t.is_floating_point():
-            t = t.round().clamp(0, diffusion.num_timesteps - 1).long()
+            t = diffusion.nearest_step(t)
             k = diffusion.coefficients(t, x64)
         log_variance = self.distribution.reverse_variance(diffusion, x64, t).log()
         values = p.values(k, log_variance)

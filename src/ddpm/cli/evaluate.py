@@ -127,14 +127,13 @@ def evaluate(
         "prediction": trained.diffusion.prediction,
         "timesteps": trained.diffusion.num_timesteps,
         "clip_denoised": clip,
-        "sampler": {"name": sampler.option}
-        | {k: v for k, v in vars(sampler).items() if not k.startswith("_")},
-        "network_calls": sampler.network_calls(trained.diffusion),  # per sample
+        "sampler": {"name": sampler.option, **sampler.settings()},
     }
     kept = [k for k in cfg if k not in NOT_IN_THE_LIKELIHOODS]
     key = json.dumps(OmegaConf.to_container(OmegaConf.masked_copy(cfg, kept), resolve=True),
                      sort_keys=True, default=str)  # fmt: skip
     likelihoods = {} if likelihoods is None else likelihoods
+    sampled = False  # whether samples were drawn (FID, distances)
     if wanted:
         metrics.update(num_examples=len(data), num_levels=datamodule.num_levels)
         metrics.update(exact_bpd(datamodule, data))
@@ -180,6 +179,7 @@ def evaluate(
             samples, _ = generate(
                 trained, num_samples, cfg.batch_size, **sampling, seed=cfg.seed, device=device
             )
+            sampled = True
             if world()[0] == 0:  # rank 0 computes the statistics
                 reference = datamodule.split(cfg.fid.reference_split)[: cfg.fid.num_reference]
                 scores = fid_kid(
@@ -193,10 +193,12 @@ def evaluate(
         samples, _ = generate(
             trained, len(data), cfg.batch_size, **sampling, seed=cfg.seed, device=device
         )
+        sampled = True
         second = datamodule.second_draw(len(data))
         metrics["num_samples"], metrics["held_out_split"] = len(data), cfg.split
         metrics.update(point_distances(samples, data, second, datamodule.train_data, cfg.seed))
-    metrics["network_calls"] = sampler.network_calls(trained.diffusion)  # sampler=ode's: measured
+    if sampled:  # per sample; after sampling, as sampler=ode's are measured
+        metrics["network_calls"] = sampler.network_calls(trained.diffusion)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     if world()[0] != 0:
         return metrics  # rank 0 writes and logs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import inspect
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -145,6 +146,10 @@ class Sampler:
         if self.steps is None:
             return torch.arange(diffusion.num_timesteps - 1, -1, -1)
         return spaced_timesteps(self.spacing, self.steps, diffusion.alphas_cumprod)
+
+    def settings(self) -> dict[str, Any]:
+        """Its keys (those of its constructor, conf/sampler/<option>.yaml) and their values."""
+        return {name: getattr(self, name) for name in inspect.signature(type(self)).parameters}
 
     def network_calls(self, diffusion: GaussianDiffusion) -> float | None:
         """Network calls per sample: one per step of `timesteps`."""
