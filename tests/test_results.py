@@ -250,6 +250,12 @@ STUDIES = {
         ["learned_range_hybrid"],
         "test/ddim10/fid",
     ),
+    "guidance": (
+        ["timesteps=50", "hydra.sweeper.params.conditioning=class"],
+        "conditioning",
+        ["class"],
+        "test/s5/class_accuracy",
+    ),
 }
 
 

@@ -46,7 +46,8 @@ def save_and_log(trainer: pl.Trainer, path: Path, key: str, image: np.ndarray) -
 
 
 class SampleGrid(pl.Callback):
-    """At each validation, sample with a fixed seed and save `dirpath/step_XXXXXXX.png`; at every
+    """At each validation, sample with a fixed seed and save `dirpath/step_XXXXXXX.png` (for a
+    conditional run, one row per class); at every
     `trajectory_every`-th validation also the denoising trajectory (x_t and the predicted x_0 at
     10 times along the chain) as `dirpath/trajectory_XXXXXXX.png` (0: never).
 
@@ -98,11 +99,14 @@ class SampleGrid(pl.Callback):
         points = 10 if every and (self.validations - 1) % every == 0 else 0
         generator = torch.Generator().manual_seed(self.seed)
         data = trainer.datamodule
+        # a conditional run: one row per class, num_samples // num_classes (at least 1) each
+        classes = getattr(pl_module, "num_classes", None)
+        per_class = max(1, self.num_samples // classes) if classes else 0
         samples, trajectory = pl_module.sample_with_trajectory(
-            self.num_samples, generator, points, data.trajectory_examples, self.sampler
+            self.num_samples, generator, points, data.trajectory_examples, self.sampler, per_class
         )
         step = trainer.global_step
-        image = data.show(samples, title=f"step {step}")
+        image = data.show(samples, title=f"step {step}", per_row=per_class or None)
         save_and_log(trainer, self.dirpath / f"step_{step:07d}.png", "samples", image)
         if trajectory:
             path = self.dirpath / f"trajectory_{step:07d}.png"

@@ -17,6 +17,7 @@ from torch import nn
 
 from ddpm.backbones import compile_backbone, set_channels_last, set_matmul_precision
 from ddpm.checks import check_choice
+from ddpm.conditioning import conditioning_of
 from ddpm.diffusion import LEARNED_VARIANCES, VARIANCES, GaussianDiffusion
 
 ORACLE_TARGET = "ddpm.truth.Oracle"
@@ -29,6 +30,16 @@ class Trained:
     backbone: nn.Module
     diffusion: GaussianDiffusion
     run_config: dict[str, Any]
+
+    @property
+    def num_classes(self) -> int | None:
+        """The classes of a conditional model (`conditioning=class`), else None."""
+        return conditioning_of(self.run_config)[0]
+
+    @property
+    def drop_prob(self) -> float:
+        """The share of null labels it was trained with (> 0: it has an unconditional model)."""
+        return conditioning_of(self.run_config)[1]
 
     @functools.cached_property
     def datamodule(self) -> Any:
@@ -83,6 +94,7 @@ def check_same_model(run_config: dict[str, Any], checkpoint: dict[str, Any], pat
     """Refuse to resume when the diffusion (schedule, T, parameterisation) or the backbone differ
     from the checkpoint's, naming the first key that differs and both values."""
     trained = checkpoint["hyper_parameters"]["run_config"]
+    check_same_conditioning(run_config, trained, path, "resuming")
     for group in ("diffusion", "backbone"):
         ours, theirs = _leaves(run_config[group], group), _leaves(trained[group], group)
         # a key that a checkpoint from an earlier version lacks had its parameter's default
@@ -96,6 +108,33 @@ def check_same_model(run_config: dict[str, Any], checkpoint: dict[str, Any], pat
                     f"ckpt_path={path}: resuming needs the same schedule, T, parameterisation "
                     "and backbone."
                 )
+
+
+def conditioning_name(config: dict[str, Any] | None) -> str:
+    """A config's `conditioning` (none for configs from before it existed)."""
+    return ((config or {}).get("conditioning") or {}).get("name", "none")
+
+
+def check_same_conditioning(
+    asked: dict[str, Any] | None, trained: dict[str, Any], path: object, doing: str
+) -> None:
+    """Refuse a `conditioning` other than the checkpoint's (none when `asked` has none), and
+    another number of classes, naming both."""
+    if not (asked or {}).get("conditioning"):
+        return
+    ours, theirs = conditioning_name(asked), conditioning_name(trained)
+    if ours != theirs:
+        raise ValueError(
+            f"conditioning={ours} differs from the checkpoint's conditioning={theirs} in "
+            f"ckpt_path={path}: {doing} needs the conditioning it was trained with; drop "
+            f"conditioning= (allowed: {theirs})."
+        )
+    classes = (asked["conditioning"].get("num_classes"), trained["conditioning"].get("num_classes"))
+    if ours == "class" and classes[0] is not None and classes[0] != classes[1]:
+        raise ValueError(
+            f"conditioning.num_classes={classes[0]} differs from the checkpoint's "
+            f"{classes[1]} in ckpt_path={path}: {doing} needs the classes it was trained with."
+        )
 
 
 def _defaults(target: str | None, prefix: str) -> dict[str, Any]:
@@ -131,6 +170,8 @@ def load_trained_for(cfg: Any) -> Trained:
     backbone = cfg.get("backbone")
     backbone = OmegaConf.to_container(backbone, resolve=True) if backbone else None
     data = cfg.get("data")
+    conditioning = cfg.get("conditioning")
+    conditioning = OmegaConf.to_container(conditioning, resolve=True) if conditioning else None
     if cfg.ckpt_path in (None, "") and is_oracle(backbone):
         trained = oracle_without_checkpoint(
             OmegaConf.to_container(data, resolve=True) if data else None,
@@ -139,6 +180,7 @@ def load_trained_for(cfg: Any) -> Trained:
             cfg.timesteps,
             cfg.diffusion.variance,
             cfg.diffusion.get("prediction"),
+            conditioning,
         )
     else:
         if data:
@@ -155,6 +197,7 @@ def load_trained_for(cfg: Any) -> Trained:
             cfg.allow_schedule_change,
             cfg.diffusion.get("prediction"),
             backbone,
+            conditioning,
         )
     set_channels_last(trained.backbone, cfg.get("channels_last", False))
     compile_backbone(trained.backbone, cfg.get("compile"))
@@ -173,7 +216,9 @@ def oracle_trained(config: dict[str, Any], diffusion: GaussianDiffusion) -> Trai
 
     datamodule = instantiate(config["data"])
     which = config["backbone"].get("distribution", "data")
-    oracle = Oracle(distribution_of(datamodule, which, "backbone.distribution"), diffusion)
+    num_classes, _ = conditioning_of(config)
+    distribution = distribution_of(datamodule, which, "backbone.distribution")
+    oracle = Oracle(distribution, diffusion, num_classes)
     trained = Trained(oracle, diffusion, config)
     trained.__dict__["datamodule"] = datamodule  # the cached property, built once
     return trained
@@ -186,9 +231,11 @@ def oracle_without_checkpoint(
     timesteps: int | None,
     variance: str | None,
     prediction: str | None,
+    conditioning: dict[str, Any] | None = None,
 ) -> Trained:
     """The oracle on a chain of the config's own (schedule linear, T = 1000, variance beta and
-    prediction eps unless given) for the config's `data`."""
+    prediction eps unless given) for the config's `data`; with `conditioning=class` the
+    conditional one (the data's classes)."""
     if not data:
         raise ValueError(
             "backbone=oracle without ckpt_path needs the data it is the oracle of: pass "
@@ -205,6 +252,9 @@ def oracle_without_checkpoint(
         "loss": "hybrid" if variance in LEARNED_VARIANCES else "simple",
     }
     config = {"data": data, "diffusion": diffusion_node, "backbone": backbone, "model": {}}
+    if conditioning and conditioning.get("name") == "class":
+        conditioning = {**conditioning, "num_classes": instantiate(data).condition_on_labels()}
+        config["conditioning"] = conditioning
     trained = oracle_trained(config, instantiate(diffusion_node))
     # clamp the predicted x_0 to [-1, 1] for images (quantised data), not for points
     config["model"]["clip_denoised"] = trained.datamodule.num_levels is not None
@@ -292,6 +342,7 @@ def load_trained(
     allow_schedule_change: bool = False,
     prediction: str | None = None,
     backbone: dict[str, Any] | None = None,
+    conditioning: dict[str, Any] | None = None,
 ) -> Trained:
     """Rebuild the backbone and diffusion of a checkpoint through the `_target_` nodes of its
     stored config and load its weights.
@@ -301,10 +352,12 @@ def load_trained(
     one, or a `prediction` other than the trained one, is refused (`check_same_parameterisation`).
     A `schedule` (a node of the schedule group, or a name) or `timesteps` other than the trained
     ones is refused unless `allow_schedule_change` is true. A `backbone` node of
-    `backbone=oracle` replaces the trained network by the Bayes-optimal one for its data.
+    `backbone=oracle` replaces the trained network by the Bayes-optimal one for its data. A
+    `conditioning` node other than the checkpoint's is refused.
     """
     checkpoint = read_checkpoint(ckpt_path)
     config = copy.deepcopy(checkpoint["hyper_parameters"]["run_config"])
+    check_same_conditioning({"conditioning": conditioning}, config, ckpt_path, "sampling it")
     diffusion_node = config["diffusion"]
     diffusion_node["betas"] = asked_schedule(
         diffusion_node["betas"], schedule, timesteps, allow_schedule_change

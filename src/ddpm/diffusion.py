@@ -14,6 +14,7 @@ s = -1 (see `log_alpha_at`). Methods that take t accept such s as a floating-poi
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -427,9 +428,10 @@ class GaussianDiffusion(nn.Module):
         t: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         num_levels: int | None = 256,
+        **model_kwargs: Any,
     ) -> dict[str, torch.Tensor]:
         """`objectives.training_terms`: the loss per example and its parts, [B] each."""
-        return objectives.training_terms(self, model, x0, t, noise, num_levels)
+        return objectives.training_terms(self, model, x0, t, noise, num_levels, **model_kwargs)
 
     def training_loss(
         self,
@@ -438,9 +440,10 @@ class GaussianDiffusion(nn.Module):
         t: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         num_levels: int | None = 256,
+        **model_kwargs: Any,
     ) -> torch.Tensor:
         """The objective per example, [B]: for eps with loss=simple, eq. 14, L_simple."""
-        return self.training_terms(model, x0, t, noise, num_levels)["loss"]
+        return self.training_terms(model, x0, t, noise, num_levels, **model_kwargs)["loss"]
 
     def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
         """L_T in bits/dim, [B] (`objectives.prior_bpd`)."""
@@ -468,6 +471,9 @@ class GaussianDiffusion(nn.Module):
         num_levels: int | None = 256,
         generator: torch.Generator | None = None,
         clip_denoised: bool = False,
+        **model_kwargs: Any,
     ) -> dict[str, torch.Tensor]:
         """The full variational bound in bits/dim (`objectives.nll_bpd`)."""
-        return objectives.nll_bpd(self, model, x0, num_levels, generator, clip_denoised)
+        return objectives.nll_bpd(
+            self, model, x0, num_levels, generator, clip_denoised, **model_kwargs
+        )

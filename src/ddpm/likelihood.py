@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ddpm.checks import check_choice, check_int
+from ddpm.conditioning import batch_labels
 from ddpm.distributed import batch_seed, gather_in_order, my_share
 from ddpm.samplers.base import Model
 from ddpm.samplers.ode import (
@@ -159,11 +160,14 @@ def ode_bpd(
     batch_size: int,
     seed: int = 0,
     device: str = "cpu",
+    labels: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """The flow's NLL of `data` in bits/dim (of the discrete data when `num_levels` is set, after
     `settings.dequantization` uniform draws per example), over batches split among processes
     as the bound's: the mean, its standard error over examples, the mean network calls per
-    example, and `rows` per example (index, ode_bpd, nll_nats, prior_nats, calls)."""
+    example, and `rows` per example (index, ode_bpd, nll_nats, prior_nats, calls). With
+    `labels` (a conditional model) the flow given the labels: -log p(x | y)."""
+
     backbone, diffusion = trained.backbone.to(device), trained.diffusion.to(device)
     dim = data[0].numel()
     draws = settings.dequantization if num_levels is not None else 1
@@ -172,6 +176,7 @@ def ode_bpd(
     for index, batch in tqdm(my_share(data.split(batch_size)), desc="ode bits/dim"):
         generator = torch.Generator().manual_seed(batch_seed(seed, index))
         x = batch.to(device, torch.float64)
+        y = batch_labels(labels, index, batch_size, device)
         log_p, priors, calls = [], [], 0
         for _ in range(draws):
             if width is not None:
@@ -179,7 +184,7 @@ def ode_bpd(
                 x_in = x + width * u.to(device)
             else:
                 x_in = x
-            out = ode_nll(diffusion, backbone, x_in, settings, generator)
+            out = ode_nll(diffusion, backbone, x_in, settings, generator, **y)
             log_p.append(-out["nll"])
             priors.append(out["prior"])
             calls += out["calls"]

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ddpm.checkpoint import Trained
 from ddpm.checks import check_choice
+from ddpm.conditioning import batch_labels
 from ddpm.data.base import SPLITS
 from ddpm.distributed import batch_seed, gather_in_order, my_share
 
@@ -28,17 +29,20 @@ def bound_bpd(
     seed: int = 0,
     device: str = "cpu",
     clip_denoised: bool = False,
+    labels: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """The full bound (every t) on `data`: mean and standard error of the total in bits/dim, the
     mean prior term, and the mean of each term L_0..L_{T-1} over the examples. With
     `clip_denoised` the model's mean uses the predicted x_0 clamped to [-1, 1], as sampling does
-    (and as the DDPM and improved-diffusion codes report the bound)."""
+    (and as the DDPM and improved-diffusion codes report the bound). With `labels` (a conditional
+    model) the bound of log p(x | y)."""
     backbone, diffusion = trained.backbone.to(device), trained.diffusion.to(device)
     done = []
     for index, batch in tqdm(my_share(data.split(batch_size)), desc="bits/dim"):
         generator = torch.Generator().manual_seed(batch_seed(seed, index))
+        y = batch_labels(labels, index, batch_size, device)
         out = diffusion.nll_bpd(
-            backbone, batch.to(device), num_levels, generator, clip_denoised=clip_denoised
+            backbone, batch.to(device), num_levels, generator, clip_denoised=clip_denoised, **y
         )
         done.append((index, {k: out[k].cpu() for k in ("total_bpd", "prior_bpd", "terms_bpd")}))
     results = gather_in_order(done)
@@ -51,6 +55,38 @@ def bound_bpd(
         "bpd_stderr": (total.std() / len(total) ** 0.5).item() if len(total) > 1 else 0.0,
         "prior_bpd": torch.cat(priors).mean().item(),
         "terms_bpd": torch.cat(terms).mean(dim=0).tolist(),
+    }
+
+
+def class_accuracy(
+    datamodule: Any, samples: torch.Tensor, labels: torch.Tensor, cache_dir: str, seed: int = 0
+) -> dict[str, float]:
+    """How often samples are of the class asked for: `class_accuracy`, the share that the data's
+    classifier assigns to their label -- for images the small classifier behind the small-image
+    FID (`ddpm.classifier`), for points of a labelled mixture the class of the most responsible
+    component -- and `class_accuracy_real`, the same classifier's accuracy on the real test
+    split (its ceiling). {} when the data have no such classifier."""
+    real, real_labels = datamodule.test_data, datamodule.labels("test")
+    if datamodule.num_levels is None:
+        known = datamodule.distribution()
+        if known is None or known.labels is None:
+            return {}
+
+        def rate(x: torch.Tensor, y: torch.Tensor) -> float:
+            return (known.classify(x.double()).cpu() == y.cpu()).double().mean().item()
+    else:
+        from ddpm.classifier import accuracy, classifier_for
+
+        net = classifier_for(datamodule, cache_dir, seed)
+        if net is None:
+            return {}
+
+        def rate(x: torch.Tensor, y: torch.Tensor) -> float:
+            return accuracy(net, x.float().cpu(), y.cpu())
+
+    return {
+        "class_accuracy": rate(samples, labels),
+        "class_accuracy_real": rate(real, real_labels),
     }
 
 

@@ -15,10 +15,11 @@ from hydra.utils import instantiate
 from torch import nn
 
 from ddpm.checks import check_choice, check_int
+from ddpm.conditioning import conditioning_of, drop_labels, label_rows
 from ddpm.diffusion import GaussianDiffusion, ImportanceTimesteps
 from ddpm.samplers import Ancestral, Sampler
 from ddpm.sampling import Trajectory, run_sampler
-from ddpm.truth import loss_floor
+from ddpm.truth import conditional_loss_floor, loss_floor
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,10 @@ class DiffusionModule(pl.LightningModule):
     `backbone`, `diffusion` and `optimizer` left out are built from `run_config` (the run's
     resolved config) through its `_target_` nodes; that is how Lightning's
     `DiffusionModule.load_from_checkpoint(path)` rebuilds a trained module.
+
+    With `conditioning=class` in `run_config` the batches are (x, y): the network sees the labels,
+    each replaced by the null label with probability `conditioning.drop_prob` in training (one
+    draw per example from the training's random state, so resumes stay exact).
     """
 
     def __init__(
@@ -97,10 +102,22 @@ class DiffusionModule(pl.LightningModule):
         # the simple loss's floor per t, float32 [T], for data with a known distribution
         self.loss_floor: torch.Tensor | None = None
         self.loss_floor_samples = loss_floor_samples
+        self.num_classes, self.drop_prob = conditioning_of(run_config)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The network's output at (x_t, t): its prediction (and variance values)."""
-        return self.backbone(x, t)
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The network's output at (x_t, t) (and labels y): its prediction (and variance
+        values)."""
+        return self.backbone(x, t) if y is None else self.backbone(x, t, y=y)
+
+    def _labels(self, batch: tuple[torch.Tensor, ...], drop: bool = False) -> dict[str, Any]:
+        """The network's keyword arguments for a batch: {y: labels} for a conditional run (with
+        `drop`, each replaced by the null label with probability drop_prob), else none."""
+        if self.num_classes is None:
+            return {}
+        y = batch[1]
+        return {"y": drop_labels(y, self.num_classes, self.drop_prob) if drop else y}
 
     def training_step(
         self, batch: tuple[torch.Tensor, ...], batch_idx: int
@@ -113,7 +130,10 @@ class DiffusionModule(pl.LightningModule):
             t = self.diffusion.sample_timesteps(x0.shape[0], x0.device)
         else:
             t, weights = self.importance.sample(x0.shape[0], x0.device)
-        terms = self.diffusion.training_terms(self.backbone, x0, t, num_levels=self._num_levels())
+        labels = self._labels(batch, drop=True)
+        terms = self.diffusion.training_terms(
+            self.backbone, x0, t, num_levels=self._num_levels(), **labels
+        )
         losses = terms["loss"]
         if self.importance is None:
             loss = losses.mean()
@@ -181,25 +201,30 @@ class DiffusionModule(pl.LightningModule):
             grads = [p.grad for p in self.backbone.parameters() if p.grad is not None]
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), rank_zero_only=True)
 
-    def _fixed_noise_loss(self, x0: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def _fixed_noise_loss(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         """The objective (t uniform, unweighted) with t and noise drawn from a generator seeded by
-        the batch and rank, so that evaluations at different steps compare the same terms."""
+        the batch and rank, so that evaluations at different steps compare the same terms (a
+        conditional run's given the labels)."""
+        x0 = batch[0]
         seed = batch_idx * self.trainer.world_size + self.trainer.global_rank
         generator = torch.Generator(device=x0.device).manual_seed(seed)
         t = self.diffusion.sample_timesteps(x0.shape[0], x0.device, generator)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        losses = self.diffusion.training_loss(self.backbone, x0, t, noise, self._num_levels())
+        losses = self.diffusion.training_loss(
+            self.backbone, x0, t, noise, self._num_levels(), **self._labels(batch)
+        )
         return losses.mean()
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
-        loss = self._fixed_noise_loss(batch[0], batch_idx)
+        loss = self._fixed_noise_loss(batch, batch_idx)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch[0].shape[0])
         if self._bpd_due(batch_idx):
             generator = torch.Generator().manual_seed(batch_idx)
             num_levels = self.trainer.datamodule.num_levels
             bpd = self.diffusion.nll_bpd(
-                self.backbone, batch[0], num_levels, generator, self.hparams.clip_denoised
-            )
+                self.backbone, batch[0], num_levels, generator, self.hparams.clip_denoised,
+                **self._labels(batch),
+            )  # fmt: skip
             self.log(
                 "val/bpd",
                 bpd["total_bpd"].mean().float(),
@@ -234,7 +259,7 @@ class DiffusionModule(pl.LightningModule):
             self.importance.load_state_dict(checkpoint["importance_timesteps"])
 
     def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
-        loss = self._fixed_noise_loss(batch[0], batch_idx)
+        loss = self._fixed_noise_loss(batch, batch_idx)
         self.log("test/loss", loss, sync_dist=True, batch_size=batch[0].shape[0])
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -249,12 +274,18 @@ class DiffusionModule(pl.LightningModule):
         points: int = 0,
         trajectory_examples: int = 8,
         sampler: Sampler | None = None,
+        per_class: int = 0,
     ) -> tuple[torch.Tensor, Trajectory]:
         """Samples by `sampler` (None: ancestral, all T steps), and (t, x_t, predicted x_0) of
         the first `trajectory_examples` at `points` of its steps (`ddpm.sampling.run_sampler`),
-        with the backbone in eval mode."""
+        with the backbone in eval mode. A conditional model with `per_class` draws that many of
+        each class in turn (`num_samples` is then ignored; 0: the null label, unconditional)."""
         was_training = self.backbone.training
         self.backbone.eval()
+        labels = {}
+        if self.num_classes is not None and per_class:
+            y = label_rows(list(range(self.num_classes)), per_class).to(self.device)
+            num_samples, labels = len(y), {"y": y}
         try:
             return run_sampler(
                 sampler or Ancestral(),
@@ -265,6 +296,7 @@ class DiffusionModule(pl.LightningModule):
                 self.hparams.clip_denoised,
                 trajectory_points=points,
                 trajectory_examples=trajectory_examples,
+                **labels,
             )
         finally:
             self.backbone.train(was_training)
@@ -299,7 +331,8 @@ class DiffusionModule(pl.LightningModule):
 
     def _compute_loss_floor(self) -> None:
         """For data whose distribution is known (`distribution()` of the data module) and an
-        objective with a simple-loss part, the floor of that part per t, by Monte Carlo with
+        objective with a simple-loss part, the floor of that part per t (a conditional run's given
+        its labels, `conditional_loss_floor`), by Monte Carlo with
         `loss_floor_samples` draws per t from a generator of its own (the run's random state is
         untouched, so resumes stay exact)."""
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -307,5 +340,10 @@ class DiffusionModule(pl.LightningModule):
         if distribution is None or self.diffusion.loss == "vlb" or not self.loss_floor_samples:
             return
         generator = torch.Generator().manual_seed(0)
-        floor, _ = loss_floor(self.diffusion, distribution, self.loss_floor_samples, generator)
+        if self.num_classes is None:
+            floor, _ = loss_floor(self.diffusion, distribution, self.loss_floor_samples, generator)
+        else:  # given the labels, each dropped at drop_prob
+            floor = conditional_loss_floor(
+                self.diffusion, distribution, self.drop_prob, self.loss_floor_samples, generator
+            )
         self.loss_floor = floor.float().to(self.device)

@@ -5,7 +5,7 @@ bits per dimension. Functions of a `GaussianDiffusion` (its schedule and paramet
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,19 +40,20 @@ def training_terms(
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     num_levels: int | None = 256,
+    **model_kwargs: Any,
 ) -> dict[str, torch.Tensor]:
     """The objective per example, [B] each: `loss`, and its parts `mse` (the simple loss,
     weighted per t by `weighting`) and `vb` (T L_t in bits/dim, times `vlb_weight` for
     "hybrid", whose L_t sees the prediction detached so that only the variance learns from
     it) where the objective has them. `num_levels` bins L_0's decoder as in `vb_terms_bpd`
-    (None: data on a continuum)."""
+    (None: data on a continuum). The network is model(x_t, t, **model_kwargs) (e.g. y=labels)."""
     d, p = diffusion, diffusion.parameterisation
     if t is None:
         t = d.sample_timesteps(x0.shape[0], x0.device)
     if noise is None:
         noise = torch.randn_like(x0)
     x_t = d.q_sample(x0, t, noise)
-    model_output = model(x_t, d.timestep_map[t])
+    model_output = model(x_t, d.timestep_map[t], **model_kwargs)
     prediction, values = p.split(model_output)
     terms = {}
     if d.loss != "vlb":
@@ -117,6 +118,7 @@ def nll_bpd(
     num_levels: int | None = 256,
     generator: torch.Generator | None = None,
     clip_denoised: bool = False,
+    **model_kwargs: Any,
 ) -> dict[str, torch.Tensor]:
     """The full variational bound L_T + sum_t L_{t-1} + L_0 in bits/dim, every term computed in
     float64. For t = 0, 1, ..., T-1 in that order it draws eps (on the generator's device, as a
@@ -128,7 +130,7 @@ def nll_bpd(
         t = torch.full((x0.shape[0],), i, device=x0.device, dtype=torch.long)
         noise = next(draws).to(x0.dtype)
         x_t = diffusion.q_sample(x0, t, noise)
-        out = model(x_t, diffusion.timestep_map[t])
+        out = model(x_t, diffusion.timestep_map[t], **model_kwargs)
         terms.append(
             vb_terms(diffusion, out.double(), x64, x_t.double(), t, num_levels, clip_denoised)
         )

@@ -23,13 +23,17 @@ VOLATILE_KEYS = ("ckpt_path", "paths", "logger", "run_name", "tags")
 # ddpm-eval, what it measured (eval/...).
 TABLE_METRICS = ("val/loss", "val/bpd", "val/fid", "val/kid", "test/", "eval/")
 # results.png: these against the swept keys
-PLOTTED = ("loss", "bpd", "ode_bpd", "fid", "energy_distance")
+PLOTTED = ("loss", "bpd", "ode_bpd", "fid", "class_accuracy", "energy_distance")
 
 
 def config_digest(run_config: dict[str, Any]) -> str:
     """A hash of the resolved config without `VOLATILE_KEYS`: equal when a run would compute the
-    same thing (a finished sweep job with the same digest is not trained again)."""
+    same thing (a finished sweep job with the same digest is not trained again). The default
+    `conditioning=none`, which configs from before conditioning lack, is left out too, so that
+    their digests stay as they were."""
     kept = {k: v for k, v in run_config.items() if k not in VOLATILE_KEYS}
+    if (kept.get("conditioning") or {}).get("name") == "none":
+        del kept["conditioning"]
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -54,6 +58,8 @@ def headline_metrics(found: dict[str, Any], prefix: str = "test/") -> dict[str, 
         "ode_bpd_stderr": found.get("ode_bpd_stderr"),
         "ode_nfe": found.get("ode_nfe"),
         "exact_bpd": found.get("exact_bpd"),
+        "class_accuracy": found.get("class_accuracy"),
+        "class_accuracy_real": found.get("class_accuracy_real"),
         "fid": fid.get("fid"),
         "fid_floor": fid.get("fid_floor"),
         "fid_bootstrap_std": fid.get("fid_bootstrap_std"),

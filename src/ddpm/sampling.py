@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpm.checkpoint import Trained
 from ddpm.checks import check_int
+from ddpm.conditioning import Guided, check_guidance_scale, check_labels
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.distributed import batch_seed, gather_in_order, my_share, world
 from ddpm.samplers import DDIM, ODE, Ancestral, DPMSolver, Sampler, UniPC
@@ -95,6 +96,36 @@ def check_sampling(
     return sampler
 
 
+def check_guidance(
+    trained: Trained, labels: Any = None, guidance_scale: Any = 1.0
+) -> tuple[list[int] | None, float]:
+    """`labels` (null | all | a list of classes) and `guidance_scale` checked against the model:
+    labels and a scale other than 1 need a conditional model, and sampling without labels or
+    with guidance needs one trained with null labels (conditioning.drop_prob > 0). Returns the
+    classes asked for (None: the null label) and the scale."""
+    scale = check_guidance_scale(guidance_scale)
+    num_classes = trained.num_classes
+    if num_classes is None:
+        if labels is not None or scale != 1:
+            key = "labels" if labels is not None else "guidance_scale"
+            value = labels if labels is not None else guidance_scale
+            raise ValueError(
+                f"{key}={value!r} needs a conditional model, but this one was trained with "
+                "conditioning=none: train with conditioning=class, or drop labels= and "
+                "guidance_scale=."
+            )
+        return None, scale
+    classes = None if labels is None else check_labels(labels, num_classes)
+    if trained.drop_prob == 0 and (classes is None or scale != 1):
+        raise ValueError(
+            ("labels= is needed" if classes is None else f"guidance_scale={scale:g} is impossible")
+            + ": this model was trained with conditioning.drop_prob=0, so it has no unconditional "
+            "(null-label) model to sample or guide with; pass labels=all or labels=[...] with "
+            "guidance_scale=1."
+        )
+    return classes, scale
+
+
 def generate(
     trained: Trained,
     num_samples: int,
@@ -104,14 +135,21 @@ def generate(
     seed: int = 0,
     trajectory_points: int = 0,
     device: str = "cpu",
+    labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> tuple[torch.Tensor, Trajectory]:
     """`num_samples` samples in batches (batch i seeded by `batch_seed(seed, i)`, so the samples
     are the same with any number of processes), and (t, x_t, predicted x_0) of the first batch's
-    first few samples at `trajectory_points` times evenly spread along the sampler's steps."""
+    first few samples at `trajectory_points` times evenly spread along the sampler's steps.
+    A conditional model samples sample i at class `labels[i]` (int64 [num_samples]; None: the
+    null label), guided at `guidance_scale` (`ddpm.conditioning.Guided`)."""
     sampler = check_sampling(trained.diffusion, num_samples, batch_size, sampler)
     backbone = trained.backbone.to(device)
     diffusion = trained.diffusion.to(device)
     shape = tuple(backbone.data_shape)
+    model = backbone
+    if trained.num_classes is not None:
+        model = Guided(backbone, guidance_scale, trained.num_classes, shape[0])
     keep = trained.datamodule.trajectory_examples
     starts = range(0, num_samples, batch_size)
     rank, size = world()
@@ -119,16 +157,19 @@ def generate(
         log.info(f"sampling {len(starts)} batches on {size} processes")
     done = []
     for index, start in my_share(starts):  # every process its share, when torchrun started many
+        stop = min(start + batch_size, num_samples)
+        y = {} if labels is None else {"y": labels[start:stop].to(device)}
         x, marked = run_sampler(
             sampler,
             diffusion,
-            backbone,
-            (min(batch_size, num_samples - start), *shape),
+            model,
+            (stop - start, *shape),
             torch.Generator().manual_seed(batch_seed(seed, index)),
             clip_denoised,
             trajectory_points if start == 0 else 0,
             keep,
             progress=True,
+            **y,
         )
         done.append((index, (x.cpu(), marked)))
     batches = gather_in_order(done)
@@ -146,15 +187,19 @@ def run_sampler(
     trajectory_points: int = 0,
     trajectory_examples: int = 8,
     progress: bool = False,
+    **model_kwargs: Any,
 ) -> tuple[torch.Tensor, Trajectory]:
     """Sample once from x_T, the generator's first draw (on its device, moved to the chain's):
     x_0, and (t, x_t, predicted x_0) of the first `trajectory_examples` samples at
-    `trajectory_points` of the sampler's steps evenly spread (t on the trained chain)."""
+    `trajectory_points` of the sampler's steps evenly spread (t on the trained chain).
+    `model_kwargs` go to every network call (y: the samples' labels)."""
     K = len(sampler.timesteps(diffusion))
     marks = set(np.linspace(0, K - 1, trajectory_points).round().astype(int))
     x_T = initial_noise(shape, generator, diffusion.betas.device)
     trajectory = []
-    steps = sampler.iterate(backbone, diffusion, x_T, generator, clip_denoised, progress)
+    steps = sampler.iterate(
+        backbone, diffusion, x_T, generator, clip_denoised, progress, **model_kwargs
+    )
     for j, (t, x, pred_x0) in enumerate(steps):
         if j in marks:
             keep = trajectory_examples

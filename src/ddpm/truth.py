@@ -31,13 +31,15 @@ CHUNK_ELEMENTS = 2**22
 
 class GaussianMixture:
     """sum_k w_k N(means[k], variances[k] I): isotropic components, a variance may be 0 (a point
-    mass). `weights` are normalised to sum to 1."""
+    mass). `weights` are normalised to sum to 1. `labels` (int64 [K], optional) is each
+    component's class: the labelled data's distribution given class c is `of_class(c)`."""
 
     def __init__(
         self,
         means: torch.Tensor | Sequence,
         variances: torch.Tensor | Sequence[float],
         weights: torch.Tensor | Sequence[float],
+        labels: torch.Tensor | Sequence[int] | None = None,
     ) -> None:
         means = torch.as_tensor(means, dtype=torch.float64)
         variances = torch.as_tensor(variances, dtype=torch.float64, device=means.device)
@@ -51,6 +53,11 @@ class GaussianMixture:
             raise ValueError("variances must be finite and >= 0.")
         if not bool((weights >= 0).all()) or not float(weights.sum()) > 0:
             raise ValueError("weights must be >= 0 with a positive sum.")
+        if labels is not None:
+            labels = torch.as_tensor(labels, dtype=torch.long, device=means.device)
+            if labels.shape != (k,) or bool((labels < 0).any()):
+                raise ValueError(f"labels must be [K] = [{k}] classes >= 0, one per component.")
+        self.labels = labels
         self.means = means
         self.variances = variances
         self.weights = weights / weights.sum()
@@ -65,9 +72,31 @@ class GaussianMixture:
 
     def to(self, device: torch.device | str) -> GaussianMixture:
         """The same mixture with its tensors on `device`."""
+        labels = None if self.labels is None else self.labels.to(device)
         return GaussianMixture(
-            self.means.to(device), self.variances.to(device), self.weights.to(device)
+            self.means.to(device), self.variances.to(device), self.weights.to(device), labels
         )
+
+    @property
+    def num_classes(self) -> int | None:
+        """The number of classes of a labelled mixture (the largest label + 1), else None."""
+        return None if self.labels is None else int(self.labels.max()) + 1
+
+    def of_class(self, label: int) -> GaussianMixture:
+        """The distribution given class `label`: its components, reweighted to sum to 1."""
+        if self.labels is None or not bool((self.labels == label).any()):
+            raise ValueError(f"the mixture has no component of class {label}.")
+        keep = self.labels == label
+        return GaussianMixture(
+            self.means[keep], self.variances[keep], self.weights[keep], self.labels[keep]
+        )
+
+    def classify(self, x0: torch.Tensor) -> torch.Tensor:
+        """The class of each example's most responsible component (the Bayes classifier of a
+        labelled mixture with one component per class), int64 [B]; variances must be > 0."""
+        x = self._flatten(x0)
+        log_n = _log_normal(x, self._flat, torch.ones_like(x[:, 0]), self.variances)
+        return self.labels[(self.weights.log() + log_n).argmax(dim=1)]
 
     def log_prob(self, x0: torch.Tensor) -> torch.Tensor:
         """log q(x_0), [B] (nats); needs every variance > 0 (point masses have no density)."""
@@ -83,12 +112,18 @@ class GaussianMixture:
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n draws, float64 [n, *shape], on the generator's device (the CPU when None) and then
         the mixture's."""
+        return self.sample_components(n, generator)[0]
+
+    def sample_components(
+        self, n: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """n draws as `sample` makes them, and the component each came from, int64 [n]."""
         source = generator.device if generator is not None else torch.device("cpu")
         k = torch.multinomial(self.weights.to(source), n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64, device=source)
         k, z = k.to(self.means.device), z.to(self.means.device)
         x = self._flat[k] + self.variances[k].sqrt()[:, None] * z
-        return x.reshape(n, *self.shape)
+        return x.reshape(n, *self.shape), k
 
     def denoise(
         self, diffusion: GaussianDiffusion, x_t: torch.Tensor, t: torch.Tensor
@@ -260,11 +295,11 @@ class GaussianMixture:
         return log_r, a, c, var
 
 
-def empirical(points: torch.Tensor) -> GaussianMixture:
+def empirical(points: torch.Tensor, labels: torch.Tensor | None = None) -> GaussianMixture:
     """A finite data set's own distribution: a point mass of weight 1/N at each point (the model
-    a network converges to if it memorises its training set)."""
+    a network converges to if it memorises its training set), labelled with the points' labels."""
     n = len(points)
-    return GaussianMixture(points.double(), torch.zeros(n), torch.ones(n))
+    return GaussianMixture(points.double(), torch.zeros(n), torch.ones(n), labels)
 
 
 DISTRIBUTIONS = ("data", "train")
@@ -277,7 +312,7 @@ def distribution_of(datamodule: Any, which: str, key: str = "distribution") -> G
 
     check_choice(key, which, DISTRIBUTIONS)
     if which == "train":
-        return empirical(datamodule.train_data)
+        return empirical(datamodule.train_data, datamodule.labels("train"))
     known = datamodule.distribution()
     if known is None:
         name = type(datamodule).__name__.removesuffix("DataModule")
@@ -320,30 +355,71 @@ class Oracle(nn.Module):
     which may lie outside [-1, 1]). `t` is the trained chain's step, as a network sees it, or a
     fractional step of the continuous schedule (the probability-flow ODE), where the variance is
     the nearest step's (the ODE does not use it).
-    It has no weights: `backbone=oracle` in ddpm-sample, ddpm-eval and ddpm-truth."""
+    It has no weights: `backbone=oracle` in ddpm-sample, ddpm-eval and ddpm-truth.
 
-    def __init__(self, distribution: GaussianMixture, diffusion: GaussianDiffusion) -> None:
+    With `num_classes` (`conditioning=class`, a labelled mixture) it is the Bayes-optimal
+    conditional network: at label y the output of the class's own distribution (`of_class`), at
+    the null label (index num_classes, or y None) the whole mixture's."""
+
+    def __init__(
+        self,
+        distribution: GaussianMixture,
+        diffusion: GaussianDiffusion,
+        num_classes: int | None = None,
+    ) -> None:
         super().__init__()
+        if num_classes is not None and distribution.num_classes != num_classes:
+            raise ValueError(
+                f"conditioning=class needs a labelled distribution with {num_classes} classes; "
+                f"this one has {distribution.num_classes or 'no'} labels."
+            )
         self.distribution = distribution
         self.diffusion = diffusion
+        self.num_classes = num_classes
+        self._classes: dict[int, GaussianMixture] = {}  # of_class(c), made once, on x's device
 
     @property
     def data_shape(self) -> tuple[int, ...]:
         return self.distribution.shape
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.distribution.means.device != x.device:
             self.distribution = self.distribution.to(x.device)
+            self._classes = {}
+        if y is None or self.num_classes is None:
+            if y is not None:
+                raise ValueError(
+                    "labels were given to the unconditional oracle: set conditioning=class."
+                )
+            return self._output(self.distribution, x, t)
+        out = None
+        for label in y.unique().tolist():
+            rows = y == label
+            if label != self.num_classes and label not in self._classes:
+                self._classes[label] = self.distribution.of_class(label)
+            part = self._classes.get(label, self.distribution)
+            value = self._output(part, x[rows], t[rows])
+            out = x.new_empty((len(x), *value.shape[1:])) if out is None else out
+            out[rows] = value
+        return out
+
+    def _output(
+        self, distribution: GaussianMixture, x: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """The prediction (and variance values) of the network that is optimal for
+        `distribution`."""
         diffusion, x64 = self.diffusion, x.double()
         p, k = diffusion.parameterisation, diffusion.coefficients(t, x64)
-        x0 = self.distribution.denoise(diffusion, x64, t)
+        x0 = distribution.denoise(diffusion, x64, t)
         prediction = p.target(k, x0, x64, p.eps(k, x0, x64))
         if not diffusion.learned_variance:
             return prediction.to(x.dtype)
         if t.is_floating_point():
             t = diffusion.nearest_step(t)
             k = diffusion.coefficients(t, x64)
-        log_variance = self.distribution.reverse_variance(diffusion, x64, t).log()
+        log_variance = distribution.reverse_variance(diffusion, x64, t).log()
         values = p.values(k, log_variance)
         return torch.cat([prediction, values], dim=1).to(x.dtype)
 
@@ -412,6 +488,31 @@ def loss_floor(
         means.append(mean)
         stderrs.append(stderr)
     return torch.tensor(means, dtype=torch.float64), torch.tensor(stderrs, dtype=torch.float64)
+
+
+def conditional_loss_floor(
+    diffusion: GaussianDiffusion,
+    distribution: GaussianMixture,
+    drop_prob: float,
+    num_samples: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The simple loss's floor per t [T] of a class-conditional network trained with null labels
+    at rate `drop_prob`: (1 - drop_prob) sum_c w_c floor(class c) + drop_prob floor(mixture),
+    each by `loss_floor` (num_samples // classes draws per class, at least 16)."""
+    generator = generator or torch.Generator().manual_seed(0)
+    classes = distribution.labels.unique().tolist()
+    floor = torch.zeros(diffusion.num_timesteps, dtype=torch.float64)
+    for label in classes:
+        share = distribution.weights[distribution.labels == label].sum().item()
+        part = distribution.of_class(label)
+        floor += (
+            share * loss_floor(diffusion, part, max(16, num_samples // len(classes)), generator)[0]
+        )
+    if drop_prob > 0:
+        floor = (1 - drop_prob) * floor
+        floor += drop_prob * loss_floor(diffusion, distribution, num_samples, generator)[0]
+    return floor
 
 
 def _squared_error_floor(

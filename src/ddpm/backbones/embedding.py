@@ -16,3 +16,39 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     if dim % 2:
         emb = torch.nn.functional.pad(emb, (0, 1))
     return emb
+
+
+class LabelEmbedding(torch.nn.Module):
+    """A learned vector per class and one more for the null label (index `num_classes`), added to
+    the step embedding of a conditional network (`conditioning=class`); y None is the null
+    label for every example."""
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(
+                f"backbone.num_classes={num_classes!r} is invalid: it must be an integer >= 1 "
+                "(the data's classes) or null (an unconditional network)."
+            )
+        self.num_classes = num_classes
+        self.table = torch.nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+        if y is None:
+            y = torch.full((n,), self.num_classes, dtype=torch.long, device=device)
+        return self.table(y)
+
+
+def label_embedding(
+    embedding: LabelEmbedding | None, y: torch.Tensor | None, n: int, device: torch.device
+) -> torch.Tensor | float:
+    """What a network adds to its step embedding for labels y: 0 for an unconditional network
+    (which refuses labels), else the labels' (null's for y None) vectors."""
+    if embedding is None:
+        if y is not None:
+            raise ValueError(
+                "labels were given to an unconditional network (backbone.num_classes=null): "
+                "train with conditioning=class to condition on them."
+            )
+        return 0.0
+    return embedding(y, n, device)

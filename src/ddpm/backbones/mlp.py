@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ddpm.backbones.embedding import timestep_embedding
+from ddpm.backbones.embedding import LabelEmbedding, label_embedding, timestep_embedding
 
 
 class MLP(nn.Module):
     """The network for vectors [B, dim]: residual SiLU blocks, each conditioned on the step
-    embedding; its output has `out_dim` entries (default dim; 2 dim with a learned variance)."""
+    embedding (plus a learned label embedding when `num_classes` is set: `conditioning=class`);
+    its output has `out_dim` entries (default dim; 2 dim with a learned variance)."""
 
     def __init__(
         self,
@@ -19,6 +20,7 @@ class MLP(nn.Module):
         num_layers: int = 4,
         time_embed_dim: int = 128,
         out_dim: int | None = None,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         out_dim = dim if out_dim is None else out_dim
@@ -33,6 +35,7 @@ class MLP(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(time_embed_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim)
         )
+        self.label_embed = None if num_classes is None else LabelEmbedding(num_classes, hidden_dim)
         self.input = nn.Linear(dim, hidden_dim)
         self.blocks = nn.ModuleList(
             nn.Sequential(
@@ -49,8 +52,11 @@ class MLP(nn.Module):
     def data_shape(self) -> tuple[int, ...]:
         return (self.dim,)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         emb = self.time_embed(timestep_embedding(t, self.time_embed_dim))
+        emb = emb + label_embedding(self.label_embed, y, x.shape[0], x.device)
         h = self.input(x)
         for block in self.blocks:
             h = h + block(h + emb)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm.backbones.embedding import timestep_embedding
+from ddpm.backbones.embedding import LabelEmbedding, label_embedding, timestep_embedding
 from ddpm.checks import check_int
 
 
@@ -89,7 +89,9 @@ class Upsample(nn.Module):
 
 class UNet(nn.Module):
     """The network for images [B, C, H, W] with H = W = `image_size`: its output has
-    `out_channels` channels (default C; 2C with a learned variance)."""
+    `out_channels` channels (default C; 2C with a learned variance). With `num_classes` set
+    (`conditioning=class`) a learned label embedding is added to the step embedding, as in
+    guided-diffusion."""
 
     def __init__(
         self,
@@ -102,6 +104,7 @@ class UNet(nn.Module):
         dropout: float = 0.1,
         num_groups: int = 32,
         out_channels: int | None = None,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         channel_mult, attn_resolutions = tuple(channel_mult), tuple(attn_resolutions)
@@ -125,6 +128,7 @@ class UNet(nn.Module):
             nn.SiLU(),
             _init(nn.Linear(temb_dim, temb_dim)),
         )
+        self.label_embed = None if num_classes is None else LabelEmbedding(num_classes, temb_dim)
         self.conv_in = _conv3x3(in_channels, base_channels)
 
         def block(cin: int, cout: int) -> ResBlock:
@@ -162,8 +166,11 @@ class UNet(nn.Module):
     def data_shape(self) -> tuple[int, ...]:
         return (self.in_channels, self.image_size, self.image_size)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         temb = self.temb(timestep_embedding(t, self.base_channels))
+        temb = temb + label_embedding(self.label_embed, y, x.shape[0], x.device)
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:

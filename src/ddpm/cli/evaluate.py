@@ -33,13 +33,14 @@ from ddpm.loggers import flatten_numbers, log_results
 from ddpm.metrics import (
     FEATURES,
     bound_bpd,
+    class_accuracy,
     fid_kid,
     held_out_images,
     point_distances,
     score_features,
 )
 from ddpm.results import headline_metrics, write_run_results
-from ddpm.sampling import check_sampling, generate, sampler_of
+from ddpm.sampling import check_guidance, check_sampling, generate, sampler_of
 from ddpm.truth import mean_and_stderr
 
 
@@ -69,15 +70,32 @@ def check_likelihood_keys(cfg: DictConfig, dim: int) -> tuple[list[str], ODESett
     return likelihoods, settings.check(dim if "ode" in likelihoods else None)
 
 
-def exact_bpd(datamodule: Any, data: torch.Tensor) -> dict[str, float]:
+def exact_bpd(
+    datamodule: Any, data: torch.Tensor, labels: torch.Tensor | None = None
+) -> dict[str, float]:
     """For continuous data whose distribution is known (gmm, toy2d 8gaussians): the exact NLL of
-    the examples in bits/dim (`exact_bpd`, `exact_bpd_stderr`), beside the model's; else {}."""
+    the examples in bits/dim (`exact_bpd`, `exact_bpd_stderr`), beside the model's, given their
+    `labels` when a conditional model's likelihoods are (-log p(x | y)); else {}."""
     known = datamodule.distribution()
     if datamodule.num_levels is not None or known is None:
         return {}
-    bpd = -known.log_prob(data.double()) / (known.dim * math.log(2))
+    x = data.double()
+    if labels is None:
+        log_p = known.log_prob(x)
+    else:
+        log_p = torch.empty(len(x), dtype=torch.float64)
+        for label in labels.unique().tolist():
+            rows = labels == label
+            log_p[rows] = known.of_class(label).log_prob(x[rows]).cpu()
+    bpd = -log_p / (known.dim * math.log(2))
     mean, stderr = mean_and_stderr(bpd)
     return {"exact_bpd": mean, "exact_bpd_stderr": stderr}
+
+
+def balanced_labels(trained: Any, n: int) -> torch.Tensor | None:
+    """The classes of n samples of a conditional model, every class in turn (None for an
+    unconditional model)."""
+    return None if trained.num_classes is None else torch.arange(n) % trained.num_classes
 
 
 def write_terms(terms_bpd: list[float], output_dir: Path) -> None:
@@ -93,6 +111,7 @@ def write_terms(terms_bpd: list[float], output_dir: Path) -> None:
 # asked for, and where things go (the batches do matter: each is seeded on its own).
 NOT_IN_THE_LIKELIHOODS = (
     "sampler", "fid", "steps", "eta", "device", "logger", "paths", "likelihood", "ode",
+    "guidance_scale",
 )  # fmt: skip
 
 
@@ -116,10 +135,15 @@ def evaluate(
         num_samples = (cfg.fid.num_samples or 1) if fid_wanted else len(data)
         sampler = check_sampling(trained.diffusion, num_samples, cfg.batch_size, sampler_of(cfg))
         wanted, ode_settings = check_likelihood_keys(cfg, data[0].numel())
+        conditional = trained.num_classes is not None
+        # a conditional model: samples of every class in turn, guided at guidance_scale
+        _, scale = check_guidance(trained, "all" if conditional else None, cfg.guidance_scale)
+        labels = datamodule.labels(cfg.split) if conditional else None
     device = pick_device(cfg.device)
     if cfg.max_examples is not None:
         data = data[: cfg.max_examples]
-    sampling = dict(sampler=sampler, clip_denoised=clip)
+        labels = None if labels is None else labels[: cfg.max_examples]
+    sampling = dict(sampler=sampler, clip_denoised=clip, guidance_scale=scale)
     metrics: dict[str, Any] = {
         "ckpt_path": str(cfg.ckpt_path),
         "split": cfg.split,
@@ -129,6 +153,8 @@ def evaluate(
         "clip_denoised": clip,
         "sampler": {"name": sampler.option, **sampler.settings()},
     }
+    if conditional:
+        metrics["guidance_scale"] = scale
     kept = [k for k in cfg if k not in NOT_IN_THE_LIKELIHOODS]
     key = json.dumps(OmegaConf.to_container(OmegaConf.masked_copy(cfg, kept), resolve=True),
                      sort_keys=True, default=str)  # fmt: skip
@@ -136,13 +162,14 @@ def evaluate(
     sampled = False  # whether samples were drawn (FID, distances)
     if wanted:
         metrics.update(num_examples=len(data), num_levels=datamodule.num_levels)
-        metrics.update(exact_bpd(datamodule, data))
+        metrics.update(exact_bpd(datamodule, data, labels))
     if "bound" in wanted:
         bound_key = f"bound|{key}|clip={clip}"
         if bound_key not in likelihoods:
             likelihoods[bound_key] = bound_bpd(
-                trained, data, datamodule.num_levels, cfg.batch_size, cfg.seed, device, clip
-            )
+                trained, data, datamodule.num_levels, cfg.batch_size, cfg.seed, device, clip,
+                labels,
+            )  # fmt: skip
         bound = dict(likelihoods[bound_key])
         terms_bpd = bound.pop("terms_bpd")
         if world()[0] == 0:
@@ -154,7 +181,7 @@ def evaluate(
         if ode_key not in likelihoods:
             likelihoods[ode_key] = ode_bpd(
                 trained, data, datamodule.num_levels, ode_settings, cfg.batch_size, cfg.seed,
-                device,
+                device, labels,
             )  # fmt: skip
         ode = dict(likelihoods[ode_key])
         rows = ode.pop("rows")
@@ -176,10 +203,16 @@ def evaluate(
         if features is not None:  # else score_features said why, in one line
             held_out = held_out_images(datamodule, cfg.fid.reference_split)
             num_samples = cfg.fid.num_samples or len(held_out)
+            asked = balanced_labels(trained, num_samples)
             samples, _ = generate(
-                trained, num_samples, cfg.batch_size, **sampling, seed=cfg.seed, device=device
-            )
+                trained, num_samples, cfg.batch_size, **sampling, seed=cfg.seed, device=device,
+                labels=asked,
+            )  # fmt: skip
             sampled = True
+            if asked is not None:
+                metrics.update(class_accuracy(
+                    datamodule, samples, asked, cfg.paths.data_dir, cfg.fid.classifier_seed
+                ))  # fmt: skip
             if world()[0] == 0:  # rank 0 computes the statistics
                 reference = datamodule.split(cfg.fid.reference_split)[: cfg.fid.num_reference]
                 scores = fid_kid(
@@ -190,10 +223,14 @@ def evaluate(
                     **scores, "features": kind, "reference_split": cfg.fid.reference_split,
                 }  # fmt: skip
     if "distances" in datamodule.scores:
+        asked = balanced_labels(trained, len(data))
         samples, _ = generate(
-            trained, len(data), cfg.batch_size, **sampling, seed=cfg.seed, device=device
-        )
+            trained, len(data), cfg.batch_size, **sampling, seed=cfg.seed, device=device,
+            labels=asked,
+        )  # fmt: skip
         sampled = True
+        if asked is not None:
+            metrics.update(class_accuracy(datamodule, samples, asked, cfg.paths.data_dir))
         second = datamodule.second_draw(len(data))
         metrics["num_samples"], metrics["held_out_split"] = len(data), cfg.split
         metrics.update(point_distances(samples, data, second, datamodule.train_data, cfg.seed))

@@ -7,43 +7,61 @@ from pathlib import Path
 
 import hydra
 import numpy as np
+import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
 from ddpm.checkpoint import load_trained_for, pick_device
 from ddpm.cli.common import quiet_known_noise, user_errors
+from ddpm.conditioning import label_rows
 from ddpm.config import CONFIG_PATH
 from ddpm.distributed import world
-from ddpm.sampling import check_sampling, generate, sampler_of
+from ddpm.sampling import check_guidance, check_sampling, generate, sampler_of
 
 log = logging.getLogger(__name__)
 
 
 def sample(cfg: DictConfig, output_dir: Path) -> Path:
-    """Load, sample and write samples.png, samples.npz (and trajectory.png) to `output_dir`."""
+    """Load, sample and write samples.png, samples.npz (and trajectory.png) to `output_dir`; with
+    `labels`, `num_samples` of each class (samples.npz's `labels`), guided at `guidance_scale`."""
     with user_errors():  # every check, before the long work
         trained = load_trained_for(cfg)
         clip = trained.clip_denoised(cfg.clip_denoised)
         sampler = check_sampling(
             trained.diffusion, cfg.num_samples, cfg.batch_size, sampler_of(cfg)
         )
+        labels = cfg.labels
+        labels = OmegaConf.to_container(labels) if isinstance(labels, ListConfig) else labels
+        classes, scale = check_guidance(trained, labels, cfg.guidance_scale)
+    y = None if classes is None else label_rows(classes, cfg.num_samples)
     samples, trajectory = generate(
         trained,
-        cfg.num_samples,
+        cfg.num_samples if y is None else len(y),
         cfg.batch_size,
         sampler,
         clip,
         cfg.seed,
         trajectory_points=10 if cfg.trajectory else 0,
         device=pick_device(cfg.device),
+        labels=y,
+        guidance_scale=scale,
     )
     if world()[0] != 0:
         return output_dir  # rank 0 writes
     data = trained.datamodule
     output_dir.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(data.show(samples)).save(output_dir / "samples.png")
-    np.savez(output_dir / "samples.npz", **data.store(samples))
+    if y is None:
+        picture = data.show(samples)
+    else:  # one row per class, its first (up to) 16 samples
+        per_row = min(cfg.num_samples, 16)
+        first = torch.arange(len(y)) % cfg.num_samples < per_row
+        picture = data.show(samples[first], per_row=per_row)
+    Image.fromarray(picture).save(output_dir / "samples.png")
+    stored = data.store(samples)
+    if y is not None:
+        stored["labels"] = y.numpy()
+    np.savez(output_dir / "samples.npz", **stored)
     if trajectory:
         Image.fromarray(data.show_trajectory(trajectory)).save(output_dir / "trajectory.png")
     log.info(f"{len(samples)} samples ({sampler.option}) written to {output_dir}")

@@ -29,8 +29,10 @@ from ddpm.checkpoint import (
     check_same_parameterisation,
     read_checkpoint,
 )
+from ddpm.checks import check_choice
 from ddpm.cli.common import quiet_known_noise, user_errors
 from ddpm.cli.evaluate import check_likelihood_keys, check_split, evaluate
+from ddpm.conditioning import CONDITIONINGS, check_drop_prob
 from ddpm.config import CONFIG_PATH, group_option
 from ddpm.diffusion import output_channels
 from ddpm.loggers import finish_wandb, guard_logger
@@ -101,6 +103,28 @@ def _check_output_channels(backbone: torch.nn.Module, diffusion: Any, shape: tup
         )
 
 
+def resolve_conditioning(cfg: DictConfig) -> None:
+    """`conditioning=class`: check its keys, and fill in `conditioning.num_classes` and the
+    backbone's `num_classes` from the data's classes (data without labels is refused in one
+    sentence); `conditioning=none` leaves the config as it was. Done before anything reads the
+    config's digest, so that a finished conditional run is recognised."""
+    node = cfg.get("conditioning")
+    name = node.get("name") if node else "none"
+    check_choice("conditioning", name, CONDITIONINGS)
+    if name == "none":
+        return
+    check_drop_prob(node.get("drop_prob"))
+    num_classes = instantiate(cfg.data).condition_on_labels()
+    if node.get("num_classes") not in (None, num_classes):
+        raise ValueError(
+            f"conditioning.num_classes={node.num_classes!r} differs from the {num_classes} "
+            f"classes of data={_choice('data')}: leave it null (it is set from the data)."
+        )
+    with open_dict(cfg):
+        cfg.conditioning.num_classes = num_classes
+        cfg.backbone.num_classes = num_classes
+
+
 def build(cfg: DictConfig) -> Run:
     """Instantiate data, diffusion, backbone, module, callbacks, loggers and trainer, and check
     that they fit together; every user error is a ValueError naming the key."""
@@ -112,7 +136,10 @@ def build(cfg: DictConfig) -> Run:
             "backbone=oracle has no weights to train: it is the Bayes-optimal network, for "
             "ddpm-sample, ddpm-eval and ddpm-truth (e.g. ddpm-sample backbone=oracle data=gmm)."
         )
+    resolve_conditioning(cfg)
     datamodule = instantiate(cfg.data)
+    if OmegaConf.select(cfg, "conditioning.name") == "class":
+        datamodule.condition_on_labels()  # batches (x, y)
     diffusion = instantiate(cfg.diffusion)
     try:
         backbone = instantiate(cfg.backbone)
@@ -311,6 +338,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ends by writing results.json in its folder (what a sweep's results table reads)."""
     output_dir = Path(cfg.paths.output_dir)
     with user_errors():  # configuration errors end here, in one sentence, before training
+        resolve_conditioning(cfg)
         record = finished_before(cfg)
         if record is not None:
             log.info(f"{output_dir} holds a finished run of this config: not trained again")

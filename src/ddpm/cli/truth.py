@@ -27,11 +27,13 @@ from PIL import Image
 from ddpm.checkpoint import ORACLE_TARGET, is_oracle, load_trained_for, pick_device
 from ddpm.checks import check_int
 from ddpm.cli.common import quiet_known_noise, user_errors, write_rows
+from ddpm.conditioning import AtLabel, Guided
 from ddpm.config import CONFIG_PATH
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.figures import gaussianity_figure, truth_figure
 from ddpm.loggers import log_results
 from ddpm.metrics import bound_bpd
+from ddpm.sampling import check_guidance
 from ddpm.truth import distribution_of, timesteps_to_evaluate, truth_terms
 
 
@@ -70,6 +72,20 @@ def chain_total(rows: list[dict[str, Any]], key: str, num_timesteps: int) -> dic
     return {name: num_timesteps * mean, f"{name}_stderr": num_timesteps * stderr}
 
 
+def one_label(trained: Any, cfg: DictConfig) -> tuple[int | None, float]:
+    """`labels` (one class at most: the truth is measured for one distribution) and
+    `guidance_scale`, checked against the model (`ddpm.sampling.check_guidance`)."""
+    labels = cfg.get("labels")
+    labels = OmegaConf.to_container(labels) if OmegaConf.is_list(labels) else labels
+    classes, scale = check_guidance(trained, labels, cfg.get("guidance_scale", 1.0))
+    if classes is not None and len(classes) != 1:
+        raise ValueError(
+            f"labels={labels!r} is invalid for ddpm-truth: it measures one class at a time "
+            f"(labels=[{classes[0]}]), or the null label's mixture without labels=."
+        )
+    return (None if classes is None else classes[0]), scale
+
+
 def model_study(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, Any], list[dict]]:
     """A trained model (or the oracle) against the true reverse process of its data: the
     summary and the rows per t."""
@@ -79,13 +95,18 @@ def model_study(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, Any], list
         datamodule = trained.datamodule
         distribution = distribution_of(datamodule, cfg.distribution)
         clip = trained.clip_denoised(cfg.clip_denoised)
+        label, scale = one_label(trained, cfg)
     device = pick_device(cfg.device)
     diffusion = trained.diffusion
     steps = timesteps_to_evaluate(diffusion.num_timesteps, cfg.t_points)
     generator = torch.Generator().manual_seed(cfg.seed)
-    backbone = trained.backbone.to(device)
+    model = backbone = trained.backbone.to(device)
+    if trained.num_classes is not None:  # the null label (the mixture), or the class asked for
+        model = Guided(backbone, scale, trained.num_classes, distribution.shape[0])
+        if label is not None:
+            model, distribution = AtLabel(model, label), distribution.of_class(label)
     rows = truth_terms(
-        diffusion, distribution, backbone, steps, cfg.num_samples, generator,
+        diffusion, distribution, model, steps, cfg.num_samples, generator,
         cfg.batch_size, clip, device,
     )  # fmt: skip
     summary: dict[str, Any] = {
@@ -99,15 +120,22 @@ def model_study(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, Any], list
         "num_samples_per_t": cfg.num_samples,
         "t_measured": len(rows),
     }
+    if trained.num_classes is not None:
+        summary.update(label=label, guidance_scale=scale)
     for name in ("kl", "gaussian_gap"):
         summary.update(
             chain_total(rows, name, steps_with_density(diffusion.num_timesteps, distribution))
         )
     summary.update(chain_total(rows, "excess_loss", 1))  # the mean over t, not a total
     if datamodule.num_levels is None and bool((distribution.variances > 0).all()):
-        held_out = datamodule.test_data[: cfg.max_examples]
+        held_out, y = datamodule.test_data, None
+        if label is not None:  # the class's examples, the bound given the label (s = 1)
+            held_out = held_out[datamodule.labels("test") == label]
+        held_out = held_out[: cfg.max_examples]
+        if label is not None:
+            y = torch.full((len(held_out),), label)
         nll = -distribution.log_prob(held_out.double()) / (distribution.dim * math.log(2))
-        bound = bound_bpd(trained, held_out, None, cfg.batch_size, cfg.seed, device, clip)
+        bound = bound_bpd(trained, held_out, None, cfg.batch_size, cfg.seed, device, clip, y)
         summary["nll_bpd_exact"] = nll.mean().item()
         summary["bound_bpd_model"] = bound["bpd"]
         summary["bound_bpd_model_stderr"] = bound["bpd_stderr"]

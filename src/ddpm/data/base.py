@@ -30,18 +30,22 @@ SPLITS = ("train", "val", "test")
 
 class SplitDataset(Dataset):
     """One split as model inputs: integer levels 0..L-1 are scaled to [-1, 1] per example (so
-    that large image sets stay uint8 in memory); a key `(index, flip)` mirrors the image."""
+    that large image sets stay uint8 in memory); a key `(index, flip)` mirrors the image. With
+    `labels` an example is (x, y), else (x,)."""
 
-    def __init__(self, data: torch.Tensor, num_levels: int | None) -> None:
-        self.data, self.num_levels = data, num_levels
+    def __init__(
+        self, data: torch.Tensor, num_levels: int | None, labels: torch.Tensor | None = None
+    ) -> None:
+        self.data, self.num_levels, self.labels = data, num_levels, labels
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, key: int | tuple[int, bool]) -> tuple[torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, bool]) -> tuple[torch.Tensor, ...]:
         index, flip = key if isinstance(key, tuple) else (key, False)
         x = to_model_range(self.data[index], self.num_levels)
-        return (x.flip(-1) if flip else x,)
+        x = x.flip(-1) if flip else x
+        return (x,) if self.labels is None else (x, self.labels[index])
 
 
 def to_model_range(data: torch.Tensor, num_levels: int | None) -> torch.Tensor:
@@ -120,8 +124,11 @@ class TensorDataModule(pl.LightningDataModule):
     scores: tuple[str, ...] = ()  # how ddpm-eval scores samples: "fid", "distances"
     trajectory_examples = 8  # how many samples a trajectory figure follows
 
-    def show(self, samples: torch.Tensor, title: str = "") -> np.ndarray:
-        """Samples as a picture, a uint8 [H, W, 3] array."""
+    def show(
+        self, samples: torch.Tensor, title: str = "", per_row: int | None = None
+    ) -> np.ndarray:
+        """Samples as a picture, a uint8 [H, W, 3] array (images: `per_row` to a row, e.g. one
+        row per class)."""
         raise NotImplementedError
 
     def show_trajectory(self, trajectory: list) -> np.ndarray:
@@ -163,10 +170,37 @@ class TensorDataModule(pl.LightningDataModule):
         data without labels."""
         return None
 
-    def labels(self, name: str) -> torch.Tensor | None:
-        """The class labels of split `name` (what the sample score's classifier learns), or None."""
+    @property
+    def num_classes(self) -> int | None:
+        """The number of classes of labelled data (labels 0..num_classes-1), else None."""
+        return None
+
+    @functools.cached_property
+    def label_splits(self) -> dict[str, torch.Tensor] | None:
         labels = self.make_labels()
-        return None if labels is None else dict(zip(SPLITS, labels, strict=True))[name]
+        return None if labels is None else dict(zip(SPLITS, labels, strict=True))
+
+    def labels(self, name: str) -> torch.Tensor | None:
+        """The class labels of split `name` (what the sample score's classifier learns, what a
+        conditional model is trained on), or None."""
+        return None if self.label_splits is None else self.label_splits[name]
+
+    # conditioning=class: batches are (x, y) (`condition_on_labels`)
+    conditional = False
+
+    def condition_on_labels(self) -> int:
+        """Serve (x, y) batches from here on, for `conditioning=class`; the number of classes.
+        Data without labels is a one-sentence ValueError."""
+        if self.num_classes is None:
+            name = type(self).__name__.removesuffix("DataModule")
+            raise ValueError(
+                f"conditioning=class needs labelled data, but {name} data have no labels: "
+                "allowed are digits, mnist, fashion_mnist, cifar10, gmm, toy2d with "
+                "data.name=8gaussians and image_folder with one sub-folder per class; or "
+                "conditioning=none."
+            )
+        self.conditional = True
+        return self.num_classes
 
     @functools.cached_property
     def splits(self) -> dict[str, torch.Tensor]:
@@ -224,7 +258,8 @@ class TensorDataModule(pl.LightningDataModule):
         the order depends only on the run's seed and the epoch, so it survives a resume and the
         global random state is left to the training step."""
         train = split == "train"
-        dataset = SplitDataset(self.splits[split], self.num_levels)
+        labels = self.labels(split) if self.conditional else None
+        dataset = SplitDataset(self.splits[split], self.num_levels, labels)
         trainer = self.trainer
         world_size, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         sampler = EpochSampler(
@@ -266,9 +301,14 @@ class ImageDataModule(TensorDataModule):
     num_levels: int = 256
     scores = ("fid",)
 
-    def show(self, samples: torch.Tensor, title: str = "") -> np.ndarray:
-        """The first 64 samples as a grid (small images upscaled, nearest-neighbour)."""
-        return image_grid(samples[:64])
+    def show(
+        self, samples: torch.Tensor, title: str = "", per_row: int | None = None
+    ) -> np.ndarray:
+        """The first 64 samples as a square grid (small images upscaled, nearest-neighbour), or
+        with `per_row`, all of them that many to a row (at most 16 rows)."""
+        if per_row is None:
+            return image_grid(samples[:64])
+        return image_grid(samples[: 16 * per_row], nrow=per_row)
 
     def show_trajectory(self, trajectory: list) -> np.ndarray:
         return image_trajectory_figure(trajectory)
@@ -287,7 +327,9 @@ class PointDataModule(TensorDataModule):
     scores = ("distances",)
     trajectory_examples = 1000
 
-    def show(self, samples: torch.Tensor, title: str = "") -> np.ndarray:
+    def show(
+        self, samples: torch.Tensor, title: str = "", per_row: int | None = None
+    ) -> np.ndarray:
         return scatter_plot(samples, self.val_data, title=title)
 
     def show_trajectory(self, trajectory: list) -> np.ndarray:

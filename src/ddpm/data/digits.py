@@ -50,5 +50,9 @@ class DigitsDataModule(ImageDataModule):
     def make_splits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self._split(torch.from_numpy(load_digits().images).to(torch.uint8).unsqueeze(1))
 
+    @property
+    def num_classes(self) -> int:
+        return 10
+
     def make_labels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self._split(torch.from_numpy(load_digits().target).long())

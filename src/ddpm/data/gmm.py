@@ -16,12 +16,13 @@ def make_mixture(
     means drawn from N(0, spread^2 I) with `seed`."""
     generator = torch.Generator().manual_seed(seed)
     means = spread * torch.randn(components, dim, generator=generator, dtype=torch.float64)
-    return GaussianMixture(means, torch.full((components,), variance), torch.ones(components))
+    variances, weights = torch.full((components,), variance), torch.ones(components)
+    return GaussianMixture(means, variances, weights, torch.arange(components))
 
 
 class GaussianMixtureDataModule(PointDataModule):
     """Train, val and test sets drawn independently from a seeded Gaussian mixture, which
-    `distribution()` returns."""
+    `distribution()` returns; an example's label is the component it was drawn from."""
 
     def __init__(
         self,
@@ -58,13 +59,23 @@ class GaussianMixtureDataModule(PointDataModule):
     def distribution(self) -> GaussianMixture:
         return self.mixture
 
-    def _draw(self, n: int, seed: int) -> torch.Tensor:
-        return self.mixture.sample(n, torch.Generator().manual_seed(seed)).float()
+    @property
+    def num_classes(self) -> int:
+        return self.mixture.num_components
+
+    def _draw(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, k = self.mixture.sample_components(n, torch.Generator().manual_seed(seed))
+        return x.float(), k
 
     def make_splits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(  # type: ignore[return-value]
-            self._draw(n, self.seed + 1 + i) for i, n in enumerate(self.sizes)
+            self._draw(n, self.seed + 1 + i)[0] for i, n in enumerate(self.sizes)
+        )
+
+    def make_labels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(  # type: ignore[return-value]
+            self._draw(n, self.seed + 1 + i)[1] for i, n in enumerate(self.sizes)
         )
 
     def second_draw(self, n: int) -> torch.Tensor:
-        return self._draw(n, self.seed + 1000)
+        return self._draw(n, self.seed + 1000)[0]

@@ -18,7 +18,8 @@ MODES = {1: "L", 3: "RGB"}
 class ImageFolderDataModule(ImageDataModule):
     """Every image under `root`: its shorter side resized to `image_size` (antialiased), then
     center-cropped, with `channels` 1 (grey) or 3 (RGB); 256 levels, held in memory as uint8,
-    split into train/val/test by a seeded permutation."""
+    split into train/val/test by a seeded permutation. When every image lies in a sub-folder of
+    `root`, each sub-folder is a class (sorted by name, as torchvision's ImageFolder)."""
 
     num_levels = 256
 
@@ -56,6 +57,28 @@ class ImageFolderDataModule(ImageDataModule):
         return sorted(
             p for p in self.root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()
         )
+
+    def class_names(self) -> list[str] | None:
+        """The sub-folders of `root` holding the images (the classes), or None when an image lies
+        in `root` itself."""
+        folders = [p.relative_to(self.root).parts for p in self.files()]
+        if any(len(parts) == 1 for parts in folders):
+            return None
+        return sorted({parts[0] for parts in folders})
+
+    @property
+    def num_classes(self) -> int | None:
+        names = self.class_names() if self.root.is_dir() else None
+        return None if not names else len(names)
+
+    def make_labels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        names = self.class_names()
+        if not names:
+            return None
+        index = {name: i for i, name in enumerate(names)}
+        labels = torch.tensor([index[p.relative_to(self.root).parts[0]] for p in self.files()])
+        n_val, n_test = (max(1, round(f * len(labels))) for f in self.fractions)
+        return seeded_split(labels, n_val, n_test, self.split_seed)
 
     def check(self) -> None:
         if not self.root.is_dir():

@@ -16,13 +16,20 @@ TOY2D_NAMES = ("swissroll", "moons", "8gaussians", "checkerboard")
 
 def make_toy2d(name: str, n: int, seed: int) -> np.ndarray:
     """n points of the toy distribution `name`, float [n, 2], reproducible from `seed`."""
+    return make_toy2d_labelled(name, n, seed)[0]
+
+
+def make_toy2d_labelled(name: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """`make_toy2d`'s points and, for 8gaussians, each point's mode k (at angle 2 pi k / 8)."""
     rng = np.random.default_rng(seed)
+    labels = None
     if name == "swissroll":
         x = make_swiss_roll(n, noise=0.5, random_state=seed)[0][:, [0, 2]] / 6.0
     elif name == "moons":
         x = (make_moons(n, noise=0.05, random_state=seed)[0] - [0.5, 0.25]) * 1.6
     elif name == "8gaussians":
-        angles = rng.integers(0, 8, n) * (2 * math.pi / 8)
+        labels = rng.integers(0, 8, n)
+        angles = labels * (2 * math.pi / 8)
         centers = 1.6 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
         x = centers + 0.1 * rng.standard_normal((n, 2))
     elif name == "checkerboard":
@@ -31,7 +38,7 @@ def make_toy2d(name: str, n: int, seed: int) -> np.ndarray:
         x = np.stack([x1, x2], axis=1)
     else:
         raise ValueError(f"data.name={name!r} is unknown: allowed are {', '.join(TOY2D_NAMES)}.")
-    return x.astype(np.float32)
+    return x.astype(np.float32), labels
 
 
 class Toy2DDataModule(PointDataModule):
@@ -77,6 +84,19 @@ class Toy2DDataModule(PointDataModule):
             for i, n in enumerate(self.sizes)
         )
 
+    @property
+    def num_classes(self) -> int | None:
+        """8gaussians: its 8 modes; the other sets have no labels."""
+        return 8 if self.name == "8gaussians" else None
+
+    def make_labels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        if self.num_classes is None:
+            return None
+        return tuple(  # type: ignore[return-value]
+            torch.from_numpy(make_toy2d_labelled(self.name, n, self.seed + i)[1]).long()
+            for i, n in enumerate(self.sizes)
+        )
+
     def distribution(self) -> GaussianMixture | None:
         """8gaussians: 8 equally weighted N(1.6 (cos a, sin a), 0.01 I), a = 2 pi k / 8; the
         other sets have no mixture form (None)."""
@@ -84,7 +104,7 @@ class Toy2DDataModule(PointDataModule):
             return None
         angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
         means = 1.6 * torch.stack([angles.cos(), angles.sin()], dim=1)
-        return GaussianMixture(means, torch.full((8,), 0.1**2), torch.ones(8))
+        return GaussianMixture(means, torch.full((8,), 0.1**2), torch.ones(8), torch.arange(8))
 
     def second_draw(self, n: int) -> torch.Tensor:
         return torch.from_numpy(make_toy2d(self.name, n, self.seed + 1000))

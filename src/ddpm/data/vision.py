@@ -88,6 +88,10 @@ class TorchvisionDataModule(ImageDataModule):
         data = torch.as_tensor(dataset.data)
         return data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
 
+    @property
+    def num_classes(self) -> int:
+        return 10  # MNIST, Fashion-MNIST and CIFAR-10 alike
+
     def make_labels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.make_splits(labels=True)
 
