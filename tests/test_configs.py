@@ -98,6 +98,17 @@ def test_data_instantiate(compose_cfg, fake_data: Path, data: str) -> None:
     dm = instantiate(compose_cfg([f"data={data}", *data_overrides(data, fake_data)]).data)
     assert isinstance(dm, pl.LightningDataModule) and len(dm.train_data) >= 10
     assert tuple(dm.train_data.shape[1:]) == dm.data_shape
+    # conditioning=class: labelled data serve (x, y) batches; the rest refuse in one sentence
+    if dm.num_classes is None:
+        assert data == "toy2d"  # swissroll, the default toy set, has no labels
+        with pytest.raises(ValueError, match="conditioning=class needs labelled data"):
+            dm.condition_on_labels()
+        return
+    assert dm.condition_on_labels() == dm.num_classes
+    x, y = next(iter(dm.val_dataloader()))
+    assert y.dtype == torch.long and len(y) == len(x)
+    assert 0 <= int(y.min()) and int(y.max()) < dm.num_classes
+    assert all(len(dm.labels(s)) == len(dm.splits[s]) for s in ("train", "val", "test"))
 
 
 @pytest.mark.parametrize("trainer", options("trainer"))

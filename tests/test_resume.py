@@ -7,7 +7,7 @@ uninterrupted run, to the bit (CPU). Each kind of checkpoint is covered: the per
 epoch's last batch), the end-of-training one of a finished run continued with a larger
 `trainer.max_steps`, one written by validation (mid-epoch); and DDP on two CPU processes, where
 train/loss is the mean over both ranks (so each rank's random state and share of the data must
-come back).
+come back; with conditioning=class, whose label dropout draws from it too).
 
 Validation, sampling and checkpointing draw nothing from the training's random state, so one
 uninterrupted run serves as the reference for every schedule of validations and checkpoints.
@@ -112,8 +112,9 @@ def test_killed_and_continued_runs_reproduce_the_uninterrupted_one(tmp_path, uni
 @pytest.mark.slow
 def test_ddp_sigkill_then_auto_resume_reproduces_the_run(tmp_path: Path) -> None:
     """The reference is the README's `python train.py trainer=ddp trainer.accelerator=cpu
-    trainer.devices=2`, shortened."""
-    ddp = [*DDP, "trainer.max_steps=20"]  # 2 processes on 2 cores: each step costs more
+    trainer.devices=2`, shortened, with conditioning=class: each rank's label dropout draws from
+    its own random state, which must come back with the rest."""
+    ddp = [*DDP, "trainer.max_steps=20", "conditioning=class"]  # 2 processes on 2 cores
     reference = tmp_path / "uninterrupted"
     result = train(reference, *ddp)
     assert "MEMBER: 2/2" in result.stdout + result.stderr

@@ -80,7 +80,7 @@ def one_label(trained: Any, cfg: DictConfig) -> tuple[int | None, float]:
     classes, scale = check_guidance(trained, labels, cfg.get("guidance_scale", 1.0))
     if classes is not None and len(classes) != 1:
         raise ValueError(
-            f"labels={labels!r} is invalid for ddpm-truth: it measures one class at a time "
+            f"labels={labels} is invalid for ddpm-truth: it measures one class at a time "
             f"(labels=[{classes[0]}]), or the null label's mixture without labels=."
         )
     return (None if classes is None else classes[0]), scale
