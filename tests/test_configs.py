@@ -107,7 +107,7 @@ def test_data_instantiate(compose_cfg, fake_data: Path, data: str) -> None:
     assert dm.condition_on_labels() == dm.num_classes
     x, y = next(iter(dm.val_dataloader()))
     assert y.dtype == torch.long and len(y) == len(x)
-    assert 0 <= int(y.min()) and int(y.max()) < dm.num_classes
+    assert int(y.min()) >= 0 and int(y.max()) < dm.num_classes
     assert all(len(dm.labels(s)) == len(dm.splits[s]) for s in ("train", "val", "test"))
 
 

@@ -129,8 +129,10 @@ def check_same_conditioning(
             f"ckpt_path={path}: {doing} needs the conditioning it was trained with; drop "
             f"conditioning= (allowed: {theirs})."
         )
+    if ours == "none":
+        return
     classes = (asked["conditioning"].get("num_classes"), trained["conditioning"].get("num_classes"))
-    if ours == "class" and classes[0] is not None and classes[0] != classes[1]:
+    if classes[0] is not None and classes[0] != classes[1]:
         raise ValueError(
             f"conditioning.num_classes={classes[0]} differs from the checkpoint's "
             f"{classes[1]} in ckpt_path={path}: {doing} needs the classes it was trained with."

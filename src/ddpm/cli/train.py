@@ -25,6 +25,7 @@ from ddpm.backbones import compile_backbone, set_channels_last, set_matmul_preci
 from ddpm.callbacks import NanGuard, NonFiniteLossError, SampleGrid
 from ddpm.checkpoint import (
     ORACLE_TARGET,
+    Trained,
     check_same_model,
     check_same_parameterisation,
     read_checkpoint,
@@ -38,7 +39,7 @@ from ddpm.diffusion import output_channels
 from ddpm.loggers import finish_wandb, guard_logger
 from ddpm.module import DiffusionModule
 from ddpm.results import config_digest, headline_metrics, read_run_results, write_run_results
-from ddpm.sampling import check_sampling, sampler_of
+from ddpm.sampling import check_guidance, check_sampling, sampler_of
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +276,11 @@ def eval_config(cfg: DictConfig) -> dict[str, DictConfig] | None:
     variants = {"": {}, **(OmegaConf.to_container(asked, resolve=True) if asked else {})}
     trained = OmegaConf.to_container(cfg.diffusion, resolve=True)
     diffusion = instantiate(cfg.diffusion)
+    # what check_guidance reads of the model to be trained: its conditioning
+    node = cfg.get("conditioning")
+    conditioning = Trained(
+        None, None, {"conditioning": OmegaConf.to_container(node) if node else {}}
+    )
     dim = math.prod(instantiate(cfg.data).data_shape)  # the examples' (their splits not loaded)
     configs = {}
     for name, keys in variants.items():
@@ -296,6 +302,8 @@ def eval_config(cfg: DictConfig) -> dict[str, DictConfig] | None:
             check_split(evaluation.split)
             check_sampling(diffusion, 1, evaluation.batch_size, sampler_of(evaluation))
             check_likelihood_keys(evaluation, dim)
+            every_class = "all" if conditioning.num_classes is not None else None  # as ddpm-eval
+            check_guidance(conditioning, every_class, evaluation.guidance_scale)
         except ValueError as error:  # its message starts with the key
             raise ValueError(f"{key_prefix}{error}") from error
         configs[name] = evaluation
