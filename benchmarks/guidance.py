@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from importlib.resources import files
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from network import add_network_arguments, random_network
 
 from ddpm.conditioning import Guided
-from ddpm.config import CONFIG_MODULE
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.samplers import Ancestral
 from ddpm.schedules import make_beta_schedule
@@ -30,21 +27,13 @@ from ddpm.schedules import make_beta_schedule
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backbone", default="unet", help="a conf/backbone/ option")
-    parser.add_argument("--image-size", type=int, default=8)
-    parser.add_argument("--channels", type=int, default=1)
+    add_network_arguments(parser)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20, help="sampling steps per timing")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    node = OmegaConf.load(files(CONFIG_MODULE) / "backbone" / f"{args.backbone}.yaml")
-    data = {"channels": args.channels, "image_size": args.image_size}
-    cfg = OmegaConf.create({"data": data, "diffusion": {"variance": "beta"}, "backbone": node})
-    cfg.backbone.num_classes = 10
-    torch.manual_seed(0)
-    backbone = instantiate(cfg.backbone).to(args.device).eval()
+    backbone = random_network(args, num_classes=10)
     diffusion = GaussianDiffusion(make_beta_schedule("linear", 1000)).to(args.device)
     sampler = Ancestral(steps=args.steps)
     shape = (args.batch, args.channels, args.image_size, args.image_size)

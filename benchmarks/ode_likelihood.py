@@ -15,14 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from importlib.resources import files
 from types import SimpleNamespace
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from network import add_network_arguments, random_network
 
-from ddpm.config import CONFIG_MODULE
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.likelihood import ODESettings, ode_bpd
 from ddpm.schedules import make_beta_schedule
@@ -30,20 +27,13 @@ from ddpm.schedules import make_beta_schedule
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backbone", default="unet", help="a conf/backbone/ option")
-    parser.add_argument("--image-size", type=int, default=8)
-    parser.add_argument("--channels", type=int, default=1)
+    add_network_arguments(parser)
     parser.add_argument("--examples", type=int, default=4)
     parser.add_argument("--timesteps", type=int, default=1000)
     parser.add_argument("--divergence", default="hutchinson")
     args = parser.parse_args()
 
-    node = OmegaConf.load(files(CONFIG_MODULE) / "backbone" / f"{args.backbone}.yaml")
-    data = {"channels": args.channels, "image_size": args.image_size}
-    cfg = OmegaConf.create({"data": data, "diffusion": {"variance": "beta"}, "backbone": node})
-    torch.manual_seed(0)
-    backbone = instantiate(cfg.backbone).to(args.device).eval()
+    backbone = random_network(args)
     diffusion = GaussianDiffusion(make_beta_schedule("linear", args.timesteps)).to(args.device)
     shape = (args.examples, args.channels, args.image_size, args.image_size)
     x = torch.randint(0, 256, shape).float() * (2 / 255) - 1
