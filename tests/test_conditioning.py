@@ -308,3 +308,25 @@ def test_conditional_generation_commands(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "truth" / "truth.json").read_text())
     assert summary["label"] == 3 and abs(summary["gaussian_gap_total"]) < 1e-6
     assert summary["num_examples"] == 100
+
+
+def test_conditional_loss_floor_of_one_gaussian_per_class() -> None:
+    """Given its label, an example of a one-Gaussian-per-class mixture is N(m_y, v I): the eps
+    loss's floor is Var(eps | x_t) = abar v / (abar v + 1 - abar) per dimension (closed form;
+    Monte Carlo within 4 standard errors per t); with drop_prob the floor
+    mixes in the mixture's own, which is higher."""
+    from ddpm.truth import conditional_loss_floor, loss_floor
+
+    mixture = GaussianMixtureDataModule(dim=2, components=4, variance=0.05).distribution()
+    v = float(mixture.variances[0])
+    diffusion = GaussianDiffusion(make_beta_schedule("linear", 50))
+    abar = diffusion.alphas_cumprod
+    exact = abar * v / (abar * v + 1 - abar)
+    floor = conditional_loss_floor(diffusion, mixture, 0.0, 8000, torch.Generator().manual_seed(0))
+    # 8000 draws per t, each the mean over 2 dimensions of exact * chi^2_1: variance exact^2
+    tolerance = 4 * exact / math.sqrt(8000)
+    assert ((floor - exact).abs() < tolerance).all(), (floor, exact)
+    whole, _ = loss_floor(diffusion, mixture, 8000, torch.Generator().manual_seed(1))
+    mixed = conditional_loss_floor(diffusion, mixture, 0.3, 8000, torch.Generator().manual_seed(0))
+    assert (whole - exact).max() > 0.05  # not knowing the component costs where it is unclear
+    torch.testing.assert_close(mixed, 0.7 * floor + 0.3 * whole, atol=0.01, rtol=0)
