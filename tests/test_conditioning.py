@@ -268,7 +268,11 @@ def test_conditional_generation_commands(tmp_path: Path) -> None:
         hit = mixture.classify(x) == y
         return np.array([hit[y == k].double().mean().item() for k in range(8)])
 
-    # the digits: a grid of one row per class, every sample's label stored; class accuracy
+    # the digits: the validation grid and samples.png one row per class (8x8 digits drawn 4x,
+    # padding 4: 36 pixels a cell), every sample's label stored; class accuracy
+    grid = Image.open(sorted((tmp_path / "digits" / "samples").glob("step_*.png"))[-1])
+    assert grid.size == (4 + 36, 4 + 10 * 36)  # num_samples=4 < 10 classes: one of each
+    assert Image.open(tmp_path / "sample-all" / "samples.png").size == (4 + 3 * 36, 4 + 10 * 36)
     stored = np.load(tmp_path / "sample-all" / "samples.npz")
     assert stored["labels"].tolist() == [k for k in range(10) for _ in range(3)]
     assert np.load(tmp_path / "sample-solver" / "samples.npz")["labels"].tolist() == [3] * 4
@@ -330,3 +334,35 @@ def test_conditional_loss_floor_of_one_gaussian_per_class() -> None:
     mixed = conditional_loss_floor(diffusion, mixture, 0.3, 8000, torch.Generator().manual_seed(0))
     assert (whole - exact).max() > 0.05  # not knowing the component costs where it is unclear
     torch.testing.assert_close(mixed, 0.7 * floor + 0.3 * whole, atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize("option", ["ancestral", "ddim", "dpm_solver", "unipc", "ode"])
+def test_every_sampler_takes_labels_and_guidance(option: str) -> None:
+    """Each sampler of the group, given labels through `generate` with the conditional oracle
+    and s = 2: every sample on the component of its label (the mixture's classifier), one
+    batched network call per step."""
+    from ddpm.checkpoint import oracle_without_checkpoint
+    from ddpm.config import group_option
+    from ddpm.sampling import build_sampler, generate
+
+    data = {"_target_": "ddpm.data.GaussianMixtureDataModule", "num_train": 10}
+    backbone = {"_target_": "ddpm.truth.Oracle", "distribution": "data"}
+    conditioning = {"name": "class", "drop_prob": 0.1}
+    trained = oracle_without_checkpoint(data, backbone, None, 1000, None, None, conditioning)
+    node = dict(group_option("sampler", option, "sampler"))
+    if option not in ("ode", "ancestral"):  # ancestral: all 1000 steps (10 blur a component)
+        node["steps"] = 10
+    labels = torch.arange(64) % 8
+    calls = []
+    oracle_forward = trained.backbone.forward
+
+    def counted(x, t, y=None):  # noqa: ANN001, ANN202
+        calls.append(len(x))
+        return oracle_forward(x, t, y=y)
+
+    trained.backbone.forward = counted
+    samples, _ = generate(trained, 64, 64, build_sampler(node), False, labels=labels,
+                          guidance_scale=2.0)  # fmt: skip
+    mixture = trained.datamodule.distribution()
+    assert (mixture.classify(samples.double()) == labels).all()
+    assert set(calls) == {128}  # conditional and null labels in one batch, every call
