@@ -5,8 +5,8 @@ the interpreter's start-up (about 7 s, most of it importing Lightning), which th
     python tests/run_commands.py '[["train.py", "timesteps=0"], ["ddpm-sample", "..."], ...]'
 
 Each line calls the command's own entry point (`python train.py` and `ddpm-train`:
-ddpm.cli.train:main; `ddpm-sample`, `ddpm-eval`, `ddpm-truth`) with `sys.argv` set as the shell
-would set it.
+ddpm.cli.train:main; `ddpm-sample`, `ddpm-eval`, `ddpm-truth`, `ddpm-import`, `ddpm-export`)
+with `sys.argv` set as the shell would set it.
 """
 
 from __future__ import annotations
@@ -14,18 +14,21 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import sys
 import time
 
 from hydra.core.global_hydra import GlobalHydra
 
-from ddpm.cli import evaluate, sample, train, truth
+from ddpm.cli import convert, evaluate, sample, train, truth
 
 ENTRY_POINTS = {
     "train.py": train.main,
     "ddpm-sample": sample.main,
     "ddpm-eval": evaluate.main,
     "ddpm-truth": truth.main,
+    "ddpm-import": convert.import_main,
+    "ddpm-export": convert.export_main,
 }
 
 
@@ -54,4 +57,8 @@ def run(words: list[str]) -> dict[str, object]:
 
 
 if __name__ == "__main__":
+    if os.environ.get("DDPM_TEST_FAKE_CIFAR10"):  # fake CIFAR-10 files: no md5 check (tests)
+        import torchvision
+
+        torchvision.datasets.cifar.check_integrity = lambda *args, **kwargs: True
     print(json.dumps([run(words) for words in json.loads(sys.argv[1])]))

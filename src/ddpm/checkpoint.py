@@ -90,22 +90,41 @@ def read_checkpoint(ckpt_path: object) -> dict[str, Any]:
     return checkpoint
 
 
-def check_same_model(run_config: dict[str, Any], checkpoint: dict[str, Any], path: object) -> None:
-    """Refuse to resume when the diffusion (schedule, T, parameterisation) or the backbone differ
-    from the checkpoint's, naming the first key that differs and both values."""
+# What fine-tuning (train.py init_from=) may change: how the network is trained, not what it is.
+FINE_TUNING_MAY_CHANGE = (
+    "backbone.dropout", "diffusion.loss", "diffusion.vlb_weight", "diffusion.weighting",
+    "diffusion.min_snr_gamma",
+)  # fmt: skip
+
+
+def check_same_model(
+    run_config: dict[str, Any],
+    checkpoint: dict[str, Any],
+    path: object,
+    doing: str = "resuming",
+    key: str = "ckpt_path",
+    may_change: tuple[str, ...] = (),
+) -> None:
+    """Refuse to resume (or, with `doing`, fine-tune) when the diffusion (schedule, T,
+    parameterisation) or the backbone differ from the checkpoint's, naming the first key that
+    differs (besides `may_change`) and both values."""
     trained = checkpoint["hyper_parameters"]["run_config"]
-    check_same_conditioning(run_config, trained, path, "resuming")
+    check_same_conditioning(run_config, trained, path, doing, key)
     for group in ("diffusion", "backbone"):
         ours, theirs = _leaves(run_config[group], group), _leaves(trained[group], group)
         # a key that a checkpoint from an earlier version lacks had its parameter's default
         defaults = _defaults(trained[group].get("_target_"), group)
-        for key in sorted(set(ours) | set(theirs)):
-            if key not in theirs and defaults.get(key, ...) in (ours.get(key), None):
+        for name in sorted(set(ours) | set(theirs)):
+            if name in may_change:
                 continue
-            if ours.get(key) != theirs.get(key):
+            if name not in theirs and defaults.get(name, ...) in (ours.get(name), None):
+                continue  # as the parameter's default (None: derived from other keys)
+            ours_value = ours.get(name, defaults.get(name))
+            theirs_value = theirs.get(name, defaults.get(name))
+            if ours_value != theirs_value:
                 raise ValueError(
-                    f"{key}={ours.get(key)!r} differs from {theirs.get(key)!r} in "
-                    f"ckpt_path={path}: resuming needs the same schedule, T, parameterisation "
+                    f"{name}={ours_value!r} differs from {theirs_value!r} in "
+                    f"{key}={path}: {doing} needs the same schedule, T, parameterisation "
                     "and backbone."
                 )
 
@@ -116,7 +135,11 @@ def conditioning_name(config: dict[str, Any] | None) -> str:
 
 
 def check_same_conditioning(
-    asked: dict[str, Any] | None, trained: dict[str, Any], path: object, doing: str
+    asked: dict[str, Any] | None,
+    trained: dict[str, Any],
+    path: object,
+    doing: str,
+    key: str = "ckpt_path",
 ) -> None:
     """Refuse a `conditioning` other than the checkpoint's (none when `asked` has none), and
     another number of classes, naming both."""
@@ -126,7 +149,7 @@ def check_same_conditioning(
     if ours != theirs:
         raise ValueError(
             f"conditioning={ours} differs from the checkpoint's conditioning={theirs} in "
-            f"ckpt_path={path}: {doing} needs the conditioning it was trained with; drop "
+            f"{key}={path}: {doing} needs the conditioning it was trained with; drop "
             f"conditioning= (allowed: {theirs})."
         )
     if ours == "none":
@@ -135,7 +158,7 @@ def check_same_conditioning(
     if classes[0] is not None and classes[0] != classes[1]:
         raise ValueError(
             f"conditioning.num_classes={classes[0]} differs from the checkpoint's "
-            f"{classes[1]} in ckpt_path={path}: {doing} needs the classes it was trained with."
+            f"{classes[1]} in {key}={path}: {doing} needs the classes it was trained with."
         )
 
 

@@ -18,6 +18,8 @@ from omegaconf import OmegaConf
 RESULTS_FILE = "results.json"
 # Keys that do not change what a run computes, left out of its digest.
 VOLATILE_KEYS = ("ckpt_path", "paths", "logger", "run_name", "tags")
+# Keys added to the training config since digests were first written, with their defaults.
+ADDED_KEYS = {"conditioning": {"name": "none"}, "init_from": None}
 # The metrics a table shows, when the runs have them: val/loss, val/bpd, the sample scores during
 # training (val/fid, val/kid), everything eval_after_fit measured (test/...) and, in a sweep of
 # ddpm-eval, what it measured (eval/...).
@@ -28,12 +30,13 @@ PLOTTED = ("loss", "bpd", "ode_bpd", "fid", "class_accuracy", "energy_distance")
 
 def config_digest(run_config: dict[str, Any]) -> str:
     """A hash of the resolved config without `VOLATILE_KEYS`: equal when a run would compute the
-    same thing (a finished sweep job with the same digest is not trained again). The default
-    `conditioning=none`, which configs from before conditioning lack, is left out too, so that
-    their digests stay as they were."""
+    same thing (a finished sweep job with the same digest is not trained again). Keys that
+    configs of before lack are left out at their defaults (`ADDED_KEYS`), so that those digests
+    stay as they were."""
     kept = {k: v for k, v in run_config.items() if k not in VOLATILE_KEYS}
-    if (kept.get("conditioning") or {}).get("name") == "none":
-        del kept["conditioning"]
+    for key, default in ADDED_KEYS.items():
+        if key in kept and kept[key] == default:
+            del kept[key]
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -55,7 +55,7 @@ class MLP(nn.Module):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
-        emb = self.time_embed(timestep_embedding(t, self.time_embed_dim))
+        emb = self.time_embed(timestep_embedding(t, self.time_embed_dim).to(x.dtype))
         emb = emb + label_embedding(self.label_embed, y, x.shape[0], x.device)
         h = self.input(x)
         for block in self.blocks:

@@ -36,12 +36,14 @@ def _conv3x3(cin: int, cout: int, zero: bool = False, stride: int = 1) -> nn.Mod
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, temb_dim: int, dropout: float, groups: int) -> None:
+    def __init__(
+        self, cin: int, cout: int, temb_dim: int, dropout: float, groups: int, eps: float
+    ) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin)
+        self.norm1 = nn.GroupNorm(groups, cin, eps)
         self.conv1 = _conv3x3(cin, cout)
         self.temb_proj = _init(nn.Linear(temb_dim, cout))
-        self.norm2 = nn.GroupNorm(groups, cout)
+        self.norm2 = nn.GroupNorm(groups, cout, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _conv3x3(cout, cout, zero=True)
         self.skip = _init(nn.Conv2d(cin, cout, 1)) if cin != cout else nn.Identity()
@@ -56,9 +58,9 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions, with a residual connection."""
 
-    def __init__(self, channels: int, groups: int) -> None:
+    def __init__(self, channels: int, groups: int, eps: float) -> None:
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels)
+        self.norm = nn.GroupNorm(groups, channels, eps)
         self.qkv = _init(nn.Conv2d(channels, 3 * channels, 1))
         self.proj = _init(nn.Conv2d(channels, channels, 1), zero=True)
 
@@ -70,11 +72,18 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int) -> None:
+    """A stride-2 3x3 conv; `padding` 1 pads each side, 0 pads only the right and bottom (as
+    TensorFlow's SAME padding does at stride 2: the original DDPM code, diffusers'
+    `downsample_padding=0`)."""
+
+    def __init__(self, channels: int, padding: int = 1) -> None:
         super().__init__()
-        self.conv = _conv3x3(channels, channels, stride=2)
+        self.padding = padding
+        self.conv = _init(nn.Conv2d(channels, channels, 3, stride=2, padding=padding))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 
@@ -91,7 +100,9 @@ class UNet(nn.Module):
     """The network for images [B, C, H, W] with H = W = `image_size`: its output has
     `out_channels` channels (default C; 2C with a learned variance). With `num_classes` set
     (`conditioning=class`) a learned label embedding is added to the step embedding, as in
-    guided-diffusion."""
+    guided-diffusion. `norm_eps` is every GroupNorm's epsilon and `downsample_padding` the
+    stride-2 convs' padding: the original DDPM code (and its diffusers port) used 1e-6 and 0
+    (TensorFlow's SAME padding), the defaults here 1e-5 and 1."""
 
     def __init__(
         self,
@@ -105,8 +116,17 @@ class UNet(nn.Module):
         num_groups: int = 32,
         out_channels: int | None = None,
         num_classes: int | None = None,
+        norm_eps: float = 1e-5,
+        downsample_padding: int = 1,
     ) -> None:
         super().__init__()
+        if downsample_padding not in (0, 1) or isinstance(downsample_padding, bool):
+            raise ValueError(
+                f"backbone.downsample_padding={downsample_padding!r} is invalid: allowed are 1 "
+                "(both sides) and 0 (right and bottom only, TensorFlow's SAME at stride 2)."
+            )
+        if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or norm_eps <= 0:
+            raise ValueError(f"backbone.norm_eps={norm_eps!r} is invalid: it must be a number > 0.")
         channel_mult, attn_resolutions = tuple(channel_mult), tuple(attn_resolutions)
         out_channels = in_channels if out_channels is None else out_channels
         check_int("backbone.out_channels", out_channels)
@@ -132,7 +152,7 @@ class UNet(nn.Module):
         self.conv_in = _conv3x3(in_channels, base_channels)
 
         def block(cin: int, cout: int) -> ResBlock:
-            return ResBlock(cin, cout, temb_dim, dropout, num_groups)
+            return ResBlock(cin, cout, temb_dim, dropout, num_groups, norm_eps)
 
         self.down = nn.ModuleList()
         skip_channels, ch, res = [base_channels], base_channels, image_size
@@ -141,25 +161,27 @@ class UNet(nn.Module):
                 self.down.append(block(ch, base_channels * mult))
                 ch = base_channels * mult
                 if res in attn_resolutions:
-                    self.down.append(AttnBlock(ch, num_groups))
+                    self.down.append(AttnBlock(ch, num_groups, norm_eps))
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
-                self.down.append(Downsample(ch))
+                self.down.append(Downsample(ch, downsample_padding))
                 skip_channels.append(ch)
                 res //= 2
-        self.mid = nn.ModuleList([block(ch, ch), AttnBlock(ch, num_groups), block(ch, ch)])
+        self.mid = nn.ModuleList(
+            [block(ch, ch), AttnBlock(ch, num_groups, norm_eps), block(ch, ch)]
+        )
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for _ in range(num_res_blocks + 1):
                 self.up.append(block(ch + skip_channels.pop(), base_channels * mult))
                 ch = base_channels * mult
                 if res in attn_resolutions:
-                    self.up.append(AttnBlock(ch, num_groups))
+                    self.up.append(AttnBlock(ch, num_groups, norm_eps))
             if level != 0:
                 self.up.append(Upsample(ch))
                 res *= 2
         self.out = nn.Sequential(
-            nn.GroupNorm(num_groups, ch), nn.SiLU(), _conv3x3(ch, out_channels, zero=True)
+            nn.GroupNorm(num_groups, ch, norm_eps), nn.SiLU(), _conv3x3(ch, out_channels, zero=True)
         )
 
     @property
@@ -169,7 +191,7 @@ class UNet(nn.Module):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
-        temb = self.temb(timestep_embedding(t, self.base_channels))
+        temb = self.temb(timestep_embedding(t, self.base_channels).to(x.dtype))
         temb = temb + label_embedding(self.label_embed, y, x.shape[0], x.device)
         h = self.conv_in(x)
         skips = [h]

@@ -24,6 +24,7 @@ from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException
 from ddpm.backbones import compile_backbone, set_channels_last, set_matmul_precision
 from ddpm.callbacks import NanGuard, NonFiniteLossError, SampleGrid
 from ddpm.checkpoint import (
+    FINE_TUNING_MAY_CHANGE,
     ORACLE_TARGET,
     Trained,
     check_same_model,
@@ -166,6 +167,7 @@ def build(cfg: DictConfig) -> Run:
         check_same_model(run_config, read_checkpoint(ckpt_path), ckpt_path)
     make_module = instantiate(cfg.model, _partial_=True)  # run_config must not be instantiated
     module = make_module(backbone=backbone, diffusion=diffusion, run_config=run_config)
+    init_weights(cfg, run_config, module, ckpt_path)
     trainer = instantiate(
         cfg.trainer,
         callbacks=_instantiate_all(cfg.get("callbacks"), "callbacks"),
@@ -184,6 +186,37 @@ def build(cfg: DictConfig) -> Run:
     num_params = sum(p.numel() for p in backbone.parameters())
     log.info(f"backbone {_choice('backbone')}: {num_params:,} parameters ({num_params / 1e6:.1f}M)")
     return Run(datamodule, module, trainer, ckpt_path)
+
+
+def init_weights(
+    cfg: DictConfig, run_config: dict[str, Any], module: DiffusionModule, ckpt_path: str | None
+) -> None:
+    """`init_from=<checkpoint>`: start this run from that checkpoint's (EMA) network weights, with
+    a fresh optimizer at step 0 (fine-tuning, e.g. from a model of ddpm-import). Its network and
+    chain must be this config's (dropout and the loss may differ). When the run resumes from its
+    own checkpoint (`ckpt_path`, or auto), that holds the weights already and init_from is not
+    read again."""
+    init_from = cfg.get("init_from")
+    if not init_from:
+        return
+    if ckpt_path:
+        if not _auto_resume(cfg):
+            raise ValueError(
+                f"init_from={init_from} and ckpt_path={ckpt_path} are both set: init_from starts "
+                "a new run from a checkpoint's weights, ckpt_path resumes a run; pass one."
+            )
+        log.info(f"resuming from {ckpt_path}: init_from={init_from} is not read again")
+        return
+    checkpoint = read_checkpoint(init_from)
+    check_same_model(
+        run_config, checkpoint, init_from, "fine-tuning", "init_from", FINE_TUNING_MAY_CHANGE
+    )
+    prefix = "backbone."
+    state = checkpoint["state_dict"]
+    module.backbone.load_state_dict(
+        {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    )
+    log.info(f"init_from={init_from}: the network starts from its weights (step 0, new optimizer)")
 
 
 def _check_not_ddp_in_local_sweep(trainer: pl.Trainer) -> None:
