@@ -252,6 +252,14 @@ def test_the_papers_models_commands(tmp_path: Path, monkeypatch) -> None:
         same_chain(trained.diffusion, scheduler)
         variance = {"fixed_large": "beta", "fixed_small": "tilde_beta"}
         assert trained.diffusion.variance == variance[scheduler.config.variance_type]
+    # Lightning rebuilds the imported module as any trained one
+    from ddpm.module import DiffusionModule
+
+    imported = tmp_path / "checkpoints" / "ddpm-cifar10-32.ckpt"
+    module = DiffusionModule.load_from_checkpoint(imported)
+    weights = torch.load(imported, weights_only=True)["state_dict"]
+    for name, value in module.backbone.state_dict().items():
+        assert torch.equal(value, weights[f"backbone.{name}"]), name
     # evaluation, samples and a fine-tuning step on the import
     metrics = json.loads((folders[evaluate] / "metrics.json").read_text())
     assert metrics["fid"]["fid"] >= 0 and metrics["network_calls"] == 2
