@@ -13,6 +13,7 @@ No library converts between the two, so the mapping is written here.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -165,43 +166,48 @@ RES_NAMES = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "
              "conv2": "conv2", "skip": "conv_shortcut"}  # fmt: skip
 
 
-def from_diffusers(state: dict[str, torch.Tensor], node: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """A UNet2DModel state dict as our UNet's (`node`, from `backbone_node`)."""
-    out: dict[str, torch.Tensor] = {}
+def parameter_pairs(
+    node: dict[str, Any], has: Callable[[str, str], bool]
+) -> list[tuple[str, list[str], str]]:
+    """(our parameter, diffusers' parameters, how they relate) for every parameter: `same`, or
+    for attention `qkv` (our one 1x1 conv is their q, k and v linear layers stacked) and `proj`
+    (a 1x1 conv and a linear layer). `has(ours, theirs)` says whether a residual block has its
+    optional 1x1 skip conv (present when its input and output widths differ)."""
+    pairs = []
     for ours, theirs, kind in module_pairs(node):
         for p in ("weight", "bias"):
             if kind == "plain":
-                out[f"{ours}.{p}"] = state[f"{theirs}.{p}"]
+                pairs.append((f"{ours}.{p}", [f"{theirs}.{p}"], "same"))
             elif kind == "res":
                 for mine, their in RES_NAMES.items():
-                    if f"{theirs}.{their}.{p}" in state:
-                        out[f"{ours}.{mine}.{p}"] = state[f"{theirs}.{their}.{p}"]
+                    if mine != "skip" or has(f"{ours}.skip.{p}", f"{theirs}.conv_shortcut.{p}"):
+                        pairs.append((f"{ours}.{mine}.{p}", [f"{theirs}.{their}.{p}"], "same"))
             else:
-                out[f"{ours}.norm.{p}"] = state[f"{theirs}.group_norm.{p}"]
-                qkv = torch.cat([state[f"{theirs}.to_{n}.{p}"] for n in "qkv"])
-                proj = state[f"{theirs}.to_out.0.{p}"]
-                out[f"{ours}.qkv.{p}"] = qkv[:, :, None, None] if p == "weight" else qkv
-                out[f"{ours}.proj.{p}"] = proj[:, :, None, None] if p == "weight" else proj
+                pairs.append((f"{ours}.norm.{p}", [f"{theirs}.group_norm.{p}"], "same"))
+                qkv = [f"{theirs}.to_{n}.{p}" for n in "qkv"]
+                pairs.append((f"{ours}.qkv.{p}", qkv, "qkv" if p == "weight" else "stack"))
+                proj = "proj" if p == "weight" else "same"
+                pairs.append((f"{ours}.proj.{p}", [f"{theirs}.to_out.0.{p}"], proj))
+    return pairs
+
+
+def from_diffusers(state: dict[str, torch.Tensor], node: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A UNet2DModel state dict as our UNet's (`node`, from `backbone_node`)."""
+    out = {}
+    for ours, theirs, how in parameter_pairs(node, lambda _, their: their in state):
+        parts = [state[name] for name in theirs]
+        joined = torch.cat(parts) if how in ("qkv", "stack") else parts[0]
+        out[ours] = joined[:, :, None, None] if how in ("qkv", "proj") else joined
     return out
 
 
 def to_diffusers(state: dict[str, torch.Tensor], node: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Our UNet's state dict as a UNet2DModel's (the inverse of `from_diffusers`)."""
-    out: dict[str, torch.Tensor] = {}
-    for ours, theirs, kind in module_pairs(node):
-        for p in ("weight", "bias"):
-            if kind == "plain":
-                out[f"{theirs}.{p}"] = state[f"{ours}.{p}"]
-            elif kind == "res":
-                for mine, their in RES_NAMES.items():
-                    if f"{ours}.{mine}.{p}" in state:
-                        out[f"{theirs}.{their}.{p}"] = state[f"{ours}.{mine}.{p}"]
-            else:
-                out[f"{theirs}.group_norm.{p}"] = state[f"{ours}.norm.{p}"]
-                qkv, proj = state[f"{ours}.qkv.{p}"], state[f"{ours}.proj.{p}"]
-                for n, part in zip("qkv", qkv.chunk(3), strict=True):
-                    out[f"{theirs}.to_{n}.{p}"] = part.flatten(1) if p == "weight" else part
-                out[f"{theirs}.to_out.0.{p}"] = proj.flatten(1) if p == "weight" else proj
+    out = {}
+    for ours, theirs, how in parameter_pairs(node, lambda mine, _: mine in state):
+        value = state[ours].flatten(1) if how in ("qkv", "proj") else state[ours]
+        for name, part in zip(theirs, value.chunk(len(theirs)), strict=True):
+            out[name] = part
     return out
 
 
