@@ -366,3 +366,21 @@ def test_every_sampler_takes_labels_and_guidance(option: str) -> None:
     mixture = trained.datamodule.distribution()
     assert (mixture.classify(samples.double()) == labels).all()
     assert set(calls) == {128}  # conditional and null labels in one batch, every call
+
+
+def test_evaluation_draws_the_classes_of_its_samples_as_the_data_has_them() -> None:
+    """ddpm-eval's samples of a conditional model: classes i.i.d. from the training split's
+    frequencies (binomial shares within 4 standard errors), reproducible from the seed."""
+    from types import SimpleNamespace
+
+    from ddpm.cli.evaluate import sample_labels
+
+    labels = torch.tensor([0] * 700 + [1] * 200 + [2] * 100)
+    trained = SimpleNamespace(num_classes=3, datamodule=SimpleNamespace(labels=lambda _: labels))
+    y = sample_labels(trained, 20000, seed=0)
+    shares = torch.bincount(y, minlength=3).double() / 20000
+    expected = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
+    assert ((shares - expected).abs() < 4 * (expected * (1 - expected) / 20000).sqrt()).all()
+    assert torch.equal(y, sample_labels(trained, 20000, seed=0))
+    assert not torch.equal(y, sample_labels(trained, 20000, seed=1))
+    assert sample_labels(SimpleNamespace(num_classes=None), 5, seed=0) is None
