@@ -1,6 +1,7 @@
 """The eps-networks: shapes, the paper's parameter count, and the errors for impossible shapes."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -94,3 +95,16 @@ def test_group_norm_groups_must_divide_widths() -> None:
         UNet(
             in_channels=1, image_size=8, base_channels=16, channel_mult=(1, 2), attn_resolutions=()
         )
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("norm_eps", 0, "backbone.norm_eps=0 is invalid: it must be a number > 0."),
+        ("downsample_padding", 2, "backbone.downsample_padding=2 is invalid: allowed are 1"),
+    ],
+)
+def test_norm_eps_and_downsample_padding_are_checked(key: str, value: int, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        UNet(in_channels=1, image_size=8, base_channels=16, channel_mult=(1, 2), num_groups=8,
+             attn_resolutions=(), **{key: value})  # fmt: skip

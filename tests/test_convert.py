@@ -5,6 +5,7 @@ configs and random weights (no internet here), its DDPMScheduler, its from_pretr
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,41 @@ def test_the_papers_models_commands(tmp_path: Path, monkeypatch) -> None:
     assert all(torch.equal(back[k], original[k]) for k in original)
     pipeline = diffusers.DDPMPipeline.from_pretrained(exported)
     assert pipeline.scheduler.config.variance_type == "fixed_large"
+
+
+def test_import_and_export_refuse_in_one_sentence(compose_cfg, tmp_path, capsys) -> None:
+    """An existing `out` is kept as it was, data of another shape is refused naming it, and an
+    export into a folder that holds files writes nothing."""
+    from ddpm.cli.convert import export_model, import_model
+
+    source = saved_pipeline(tmp_path / "small", SMALL)
+    digits = compose_cfg(["data=digits"]).data
+
+    def refused(run, keys: dict) -> str:
+        with pytest.raises(SystemExit) as exit_:
+            run(OmegaConf.create(keys))
+        assert exit_.value.code == 1
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    kept = tmp_path / "kept.ckpt"
+    kept.write_text("a checkpoint\n")
+    message = refused(import_model, {"source": str(source), "out": str(kept), "data": digits})
+    assert message == f"Error: out={kept} exists: choose a new file (nothing is overwritten)."
+    assert kept.read_text() == "a checkpoint\n"
+    points = compose_cfg(["data=gmm"]).data
+    message = refused(import_model, {"source": str(source), "out": str(tmp_path / "x.ckpt"),
+                                     "data": points})  # fmt: skip
+    # the data option as typed inside a Hydra run (gmm), else its class
+    assert re.match(r"Error: data=(gmm|GaussianMixtureDataModule) has examples of shape \(2,\), "
+                    r"but the network takes \(1, 8, 8\)", message), message  # fmt: skip
+    assert not (tmp_path / "x.ckpt").exists()
+    ckpt = tmp_path / "small.ckpt"
+    import_model(OmegaConf.create({"source": str(source), "out": str(ckpt), "data": digits}))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine\n")
+    message = refused(export_model, {"ckpt_path": str(ckpt), "out": str(busy), "use_ema": True})
+    assert (
+        message == f"Error: out={busy} is not empty: choose a new folder (nothing is overwritten)."
+    )
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]

@@ -147,10 +147,12 @@ def check_same_conditioning(
         return
     ours, theirs = conditioning_name(asked), conditioning_name(trained)
     if ours != theirs:
+        # ddpm-sample and ddpm-eval take the checkpoint's when none is given; train.py its own
+        fix = "drop conditioning=" if doing.startswith("sampling") else f"set conditioning={theirs}"
         raise ValueError(
             f"conditioning={ours} differs from the checkpoint's conditioning={theirs} in "
-            f"{key}={path}: {doing} needs the conditioning it was trained with; drop "
-            f"conditioning= (allowed: {theirs})."
+            f"{key}={path}: {doing} needs the conditioning it was trained with; {fix} "
+            f"(allowed: {theirs})."
         )
     if ours == "none":
         return

@@ -39,16 +39,17 @@ class LabelEmbedding(torch.nn.Module):
         return self.table(y)
 
 
-def label_embedding(
-    embedding: LabelEmbedding | None, y: torch.Tensor | None, n: int, device: torch.device
-) -> torch.Tensor | float:
-    """What a network adds to its step embedding for labels y: 0 for an unconditional network
-    (which refuses labels), else the labels' (null's for y None) vectors."""
+def with_labels(
+    embedding: LabelEmbedding | None, emb: torch.Tensor, y: torch.Tensor | None
+) -> torch.Tensor:
+    """The step embedding `emb` plus the labels' vectors (the null label's for y None) for a
+    conditional network; `emb` itself, with no work, for an unconditional one, which refuses
+    labels."""
     if embedding is None:
         if y is not None:
             raise ValueError(
                 "labels were given to an unconditional network (backbone.num_classes=null): "
                 "train with conditioning=class to condition on them."
             )
-        return 0.0
-    return embedding(y, n, device)
+        return emb
+    return emb + embedding(y, emb.shape[0], emb.device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ddpm.backbones.embedding import LabelEmbedding, label_embedding, timestep_embedding
+from ddpm.backbones.embedding import LabelEmbedding, timestep_embedding, with_labels
 
 
 class MLP(nn.Module):
@@ -56,7 +56,7 @@ class MLP(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
         emb = self.time_embed(timestep_embedding(t, self.time_embed_dim).to(x.dtype))
-        emb = emb + label_embedding(self.label_embed, y, x.shape[0], x.device)
+        emb = with_labels(self.label_embed, emb, y)
         h = self.input(x)
         for block in self.blocks:
             h = h + block(h + emb)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm.backbones.embedding import LabelEmbedding, label_embedding, timestep_embedding
+from ddpm.backbones.embedding import LabelEmbedding, timestep_embedding, with_labels
 from ddpm.checks import check_int
 
 
@@ -192,7 +192,7 @@ class UNet(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
         temb = self.temb(timestep_embedding(t, self.base_channels).to(x.dtype))
-        temb = temb + label_embedding(self.label_embed, y, x.shape[0], x.device)
+        temb = with_labels(self.label_embed, temb, y)
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:

@@ -14,10 +14,16 @@ from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ddpm.results import collect, write_table
+
+
+def plain(value: Any) -> Any:
+    """A config value as plain Python (a list or dict node as a list or dict; others as they
+    are), for checks that name the value as the user wrote it."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def write_rows(rows: list[dict[str, Any]], path: Path) -> None:

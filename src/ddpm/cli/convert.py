@@ -33,6 +33,15 @@ log = logging.getLogger(__name__)
 OPTIMIZER = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 2.0e-4}
 
 
+def _data_choice(cfg: DictConfig) -> str:
+    """The `data` option as typed (its class name outside a Hydra run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return str(HydraConfig.get().runtime.choices.get("data"))
+    return str(cfg.data._target_).rsplit(".", 1)[-1]
+
+
 def import_model(cfg: DictConfig) -> Path:
     """Read the folder, build our network and chain from its configs, map its weights, check
     them against the data, and write a checkpoint (through a temporary file: a kill leaves no
@@ -49,7 +58,7 @@ def import_model(cfg: DictConfig) -> Path:
         found = tuple(instantiate(data).data_shape)
         if found != shape:
             raise ValueError(
-                f"data={cfg.data._target_.rsplit('.', 1)[-1]} has examples of shape {found}, but "
+                f"data={_data_choice(cfg)} has examples of shape {found}, but "
                 f"the network takes {shape}: choose the data it was trained on (e.g. "
                 f"data=image_folder data.root=... data.image_size={shape[1]})."
             )

@@ -9,11 +9,11 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 
 from ddpm.checkpoint import load_trained_for, pick_device
-from ddpm.cli.common import quiet_known_noise, user_errors
+from ddpm.cli.common import plain, quiet_known_noise, user_errors
 from ddpm.conditioning import label_rows
 from ddpm.config import CONFIG_PATH
 from ddpm.distributed import world
@@ -31,9 +31,7 @@ def sample(cfg: DictConfig, output_dir: Path) -> Path:
         sampler = check_sampling(
             trained.diffusion, cfg.num_samples, cfg.batch_size, sampler_of(cfg)
         )
-        labels = cfg.labels
-        labels = OmegaConf.to_container(labels) if isinstance(labels, ListConfig) else labels
-        classes, scale = check_guidance(trained, labels, cfg.guidance_scale)
+        classes, scale = check_guidance(trained, plain(cfg.labels), cfg.guidance_scale)
     y = None if classes is None else label_rows(classes, cfg.num_samples)
     samples, trajectory = generate(
         trained,

@@ -105,10 +105,11 @@ def _check_output_channels(backbone: torch.nn.Module, diffusion: Any, shape: tup
         )
 
 
-def resolve_conditioning(cfg: DictConfig) -> None:
+def resolve_conditioning(cfg: DictConfig, datamodule: Any = None) -> None:
     """`conditioning=class`: check its keys, and fill in `conditioning.num_classes` and the
     backbone's `num_classes` from the data's classes (data without labels is refused in one
-    sentence); `conditioning=none` leaves the config as it was. Done before anything reads the
+    sentence); `datamodule` (the config's data, built here when None) serves (x, y) batches from
+    then on. `conditioning=none` leaves the config as it was. Done before anything reads the
     config's digest, so that a finished conditional run is recognised."""
     node = cfg.get("conditioning")
     name = node.get("name") if node else "none"
@@ -116,7 +117,7 @@ def resolve_conditioning(cfg: DictConfig) -> None:
     if name == "none":
         return
     check_drop_prob(node.get("drop_prob"))
-    num_classes = instantiate(cfg.data).condition_on_labels()
+    num_classes = (datamodule or instantiate(cfg.data)).condition_on_labels()
     if node.get("num_classes") not in (None, num_classes):
         raise ValueError(
             f"conditioning.num_classes={node.num_classes!r} differs from the {num_classes} "
@@ -138,10 +139,8 @@ def build(cfg: DictConfig) -> Run:
             "backbone=oracle has no weights to train: it is the Bayes-optimal network, for "
             "ddpm-sample, ddpm-eval and ddpm-truth (e.g. ddpm-sample backbone=oracle data=gmm)."
         )
-    resolve_conditioning(cfg)
     datamodule = instantiate(cfg.data)
-    if OmegaConf.select(cfg, "conditioning.name") == "class":
-        datamodule.condition_on_labels()  # batches (x, y)
+    resolve_conditioning(cfg, datamodule)  # (x, y) batches with conditioning=class
     diffusion = instantiate(cfg.diffusion)
     try:
         backbone = instantiate(cfg.backbone)

@@ -26,7 +26,7 @@ from PIL import Image
 
 from ddpm.checkpoint import ORACLE_TARGET, is_oracle, load_trained_for, pick_device
 from ddpm.checks import check_int
-from ddpm.cli.common import quiet_known_noise, user_errors, write_rows
+from ddpm.cli.common import plain, quiet_known_noise, user_errors, write_rows
 from ddpm.conditioning import AtLabel, Guided
 from ddpm.config import CONFIG_PATH
 from ddpm.diffusion import GaussianDiffusion
@@ -75,8 +75,7 @@ def chain_total(rows: list[dict[str, Any]], key: str, num_timesteps: int) -> dic
 def one_label(trained: Any, cfg: DictConfig) -> tuple[int | None, float]:
     """`labels` (one class at most: the truth is measured for one distribution) and
     `guidance_scale`, checked against the model (`ddpm.sampling.check_guidance`)."""
-    labels = cfg.get("labels")
-    labels = OmegaConf.to_container(labels) if OmegaConf.is_list(labels) else labels
+    labels = plain(cfg.get("labels"))
     classes, scale = check_guidance(trained, labels, cfg.get("guidance_scale", 1.0))
     if classes is not None and len(classes) != 1:
         raise ValueError(
