@@ -5,8 +5,8 @@ the interpreter's start-up (about 7 s, most of it importing Lightning), which th
     python tests/run_commands.py '[["train.py", "timesteps=0"], ["ddpm-sample", "..."], ...]'
 
 Each line calls the command's own entry point (`python train.py` and `ddpm-train`:
-ddpm.cli.train:main; `ddpm-sample`, `ddpm-eval`, `ddpm-truth`, `ddpm-import`, `ddpm-export`)
-with `sys.argv` set as the shell would set it.
+ddpm.cli.train:main; `ddpm-sample`, `ddpm-eval`, `ddpm-truth`, `ddpm-import`, `ddpm-export`,
+`ddpm-prepare`) with `sys.argv` set as the shell would set it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 
 from hydra.core.global_hydra import GlobalHydra
 
-from ddpm.cli import convert, evaluate, sample, train, truth
+from ddpm.cli import convert, evaluate, prepare, sample, train, truth
 
 ENTRY_POINTS = {
     "train.py": train.main,
@@ -29,6 +29,7 @@ ENTRY_POINTS = {
     "ddpm-truth": truth.main,
     "ddpm-import": convert.import_main,
     "ddpm-export": convert.export_main,
+    "ddpm-prepare": prepare.main,
 }
 
 

@@ -89,6 +89,14 @@ def data_overrides(data: str, root: Path) -> list[str]:
         return [f"data.root={root / 'images'}"]
     if data in ("mnist", "fashion_mnist", "cifar10"):
         return [f"paths.data_dir={root}", "data.val_size=4"]
+    if data == "streaming":  # the image folder, prepared as ddpm-prepare does
+        from ddpm.data import ImageFolderDataModule
+        from ddpm.data.streaming import prepare
+
+        if not (root / "prepared").exists():
+            folder = ImageFolderDataModule(str(root / "images"), image_size=16, channels=3)
+            prepare(folder, str(root / "prepared"), num_workers=1)
+        return [f"data.input_dir={root / 'prepared'}"]
     return []
 
 

@@ -7,7 +7,9 @@ uninterrupted run, to the bit (CPU). Each kind of checkpoint is covered: the per
 epoch's last batch), the end-of-training one of a finished run continued with a larger
 `trainer.max_steps`, one written by validation (mid-epoch); and DDP on two CPU processes, where
 train/loss is the mean over both ranks (so each rank's random state and share of the data must
-come back; with conditioning=class, whose label dropout draws from it too).
+come back; with conditioning=class, whose label dropout draws from it too). The same for
+data=streaming (a set written by `ddpm-prepare source=digits`), whose loader's position (litdata's
+StreamingDataLoader state) is in the checkpoint, on one process and on two.
 
 Validation, sampling and checkpointing draw nothing from the training's random state, so one
 uninterrupted run serves as the reference for every schedule of validations and checkpoints.
@@ -115,6 +117,52 @@ def test_ddp_sigkill_then_auto_resume_reproduces_the_run(tmp_path: Path) -> None
     trainer.devices=2`, shortened, with conditioning=class: each rank's label dropout draws from
     its own random state, which must come back with the rest."""
     ddp = [*DDP, "trainer.max_steps=20", "conditioning=class"]  # 2 processes on 2 cores
+    reference = tmp_path / "uninterrupted"
+    result = train(reference, *ddp)
+    assert "MEMBER: 2/2" in result.stdout + result.stderr
+    killed = tmp_path / "killed"
+    overrides = [*ddp, "callbacks.periodic_checkpoint.every_n_train_steps=8"]
+    assert killed_after_checkpoint(killed, 8, *overrides) == 8
+    train(killed, "ckpt_path=auto", *overrides)
+    assert_same_as(reference, killed, 8, steps=20)
+
+
+@pytest.fixture(scope="module")
+def prepared_digits(tmp_path_factory) -> Path:
+    """`ddpm-prepare source=digits out=...`, the README's command."""
+    out = tmp_path_factory.mktemp("prepared") / "digits"
+    command = [str(Path(sys.executable).parent / "ddpm-prepare"), "source=digits", f"out={out}"]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_streaming_sigkill_then_auto_resume_reproduces_the_run(tmp_path, prepared_digits):
+    """`python train.py data=streaming data.input_dir=... data.hflip=true` for 25 steps (an epoch
+    is 11): killed after the periodic checkpoint at step 11 (the epoch's last batch), resumed,
+    killed after validation's checkpoint at step 16 (mid-epoch, the second epoch), resumed to
+    the end (across the next epoch's start)."""
+    stream = ["data=streaming", f"data.input_dir={prepared_digits}", "data.hflip=true"]
+    stream += ["trainer.max_steps=25"]
+    reference = tmp_path / "uninterrupted"
+    train(reference, *stream)
+    run_dir = tmp_path / "run"
+    keys = [*stream, "trainer.val_check_interval=8"]
+    keys += ["callbacks.periodic_checkpoint.every_n_train_steps=11"]
+    assert killed_after_checkpoint(run_dir, 11, *keys) == 11
+    logged = losses(run_dir)
+    assert killed_after_checkpoint(run_dir, 16, *keys) == 16
+    logged.update(losses(run_dir))
+    train(run_dir, "ckpt_path=auto", *keys)
+    assert_same_as(reference, run_dir, 11, logged, steps=25)
+
+
+@pytest.mark.slow
+def test_streaming_ddp_sigkill_then_auto_resume_reproduces_the_run(tmp_path, prepared_digits):
+    """Two DDP processes streaming their shares, with labels (conditioning=class) and flips."""
+    ddp = [*DDP, "trainer.max_steps=20", "conditioning=class", "data=streaming"]
+    ddp += [f"data.input_dir={prepared_digits}", "data.hflip=true"]
     reference = tmp_path / "uninterrupted"
     result = train(reference, *ddp)
     assert "MEMBER: 2/2" in result.stdout + result.stderr

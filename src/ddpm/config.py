@@ -65,7 +65,9 @@ def choice_or(choice: str | None, default: str) -> str:
 
 def register_resolvers() -> None:
     """Register the resolvers the configs use (again is harmless); `${output_channels:C,VARIANCE}`
-    is the backbone's output channels, 2C with a learned variance."""
+    is the backbone's output channels, 2C with a learned variance; `${prepared:DIR,KEY}` is KEY
+(image_size, channels) of the data set ddpm-prepare wrote to DIR."""
+    from ddpm.data.streaming import prepared
     from ddpm.diffusion import output_channels
 
     for name, resolver in (
@@ -73,5 +75,6 @@ def register_resolvers() -> None:
         ("launcher", launcher_setting),
         ("choice_or", choice_or),
         ("output_channels", output_channels),
+        ("prepared", prepared),
     ):
         OmegaConf.register_new_resolver(name, resolver, replace=True)

@@ -71,14 +71,25 @@ class ImageFolderDataModule(ImageDataModule):
         names = self.class_names() if self.root.is_dir() else None
         return None if not names else len(names)
 
-    def make_labels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def split_indices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The positions in `files()` of the (train, val, test) images: a seeded permutation."""
+        n = len(self.files())
+        n_val, n_test = (max(1, round(f * n)) for f in self.fractions)
+        return seeded_split(torch.arange(n), n_val, n_test, self.split_seed)
+
+    def file_labels(self) -> list[int] | None:
+        """The class of each of `files()` (its sub-folder's rank), or None without classes."""
         names = self.class_names()
         if not names:
             return None
         index = {name: i for i, name in enumerate(names)}
-        labels = torch.tensor([index[p.relative_to(self.root).parts[0]] for p in self.files()])
-        n_val, n_test = (max(1, round(f * len(labels))) for f in self.fractions)
-        return seeded_split(labels, n_val, n_test, self.split_seed)
+        return [index[p.relative_to(self.root).parts[0]] for p in self.files()]
+
+    def make_labels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        labels = self.file_labels()
+        if labels is None:
+            return None
+        return tuple(torch.tensor(labels)[i] for i in self.split_indices())  # type: ignore[return-value]
 
     def check(self) -> None:
         if not self.root.is_dir():
@@ -93,7 +104,8 @@ class ImageFolderDataModule(ImageDataModule):
                 f"needs at least 3 (one per split), with extensions {', '.join(IMG_EXTENSIONS)}."
             )
 
-    def make_splits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def load(self, path: Path) -> torch.Tensor:
+        """One image file as uint8 [C, H, W]: resized (shorter side) and center-cropped."""
         resize = v2.Compose(
             [
                 v2.PILToTensor(),
@@ -101,15 +113,14 @@ class ImageFolderDataModule(ImageDataModule):
                 v2.CenterCrop(self.image_size),
             ]
         )
-        images = []
-        for path in self.files():
-            try:
-                with Image.open(path) as image:
-                    images.append(resize(image.convert(MODES[self.channels])))
-            except OSError as error:
-                raise ValueError(
-                    f"data.root={str(self.root)!r}: {path} is not a readable image ({error})."
-                ) from error
-        x = torch.stack(images)
-        n_val, n_test = (max(1, round(f * len(x))) for f in self.fractions)
-        return seeded_split(x, n_val, n_test, self.split_seed)
+        try:
+            with Image.open(path) as image:
+                return resize(image.convert(MODES[self.channels]))
+        except OSError as error:
+            raise ValueError(
+                f"data.root={str(self.root)!r}: {path} is not a readable image ({error})."
+            ) from error
+
+    def make_splits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = torch.stack([self.load(path) for path in self.files()])
+        return tuple(x[i] for i in self.split_indices())  # type: ignore[return-value]

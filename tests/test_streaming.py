@@ -1,0 +1,201 @@
+"""Data sets larger than memory: `ddpm-prepare` writes litdata chunks, `data=streaming` streams
+them. The prepared splits are checked against the in-memory data modules they come from, the
+sharding by counting every example read on two ranks, memory by measuring a process that
+streams a data set five times larger than its cache limit, and the bad inputs by their
+sentences. Exact resume after SIGKILL (one process and two DDP processes) is in
+tests/test_resume.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import compose_in
+from hydra.core.global_hydra import GlobalHydra
+
+from ddpm.cli.prepare import prepare_data
+from ddpm.data import DigitsDataModule, ImageFolderDataModule, StreamingDataModule
+from ddpm.data.base import SPLITS
+
+
+def prepare_in(out: Path, tmp: Path, *overrides: str) -> dict:
+    """ddpm-prepare's work, in this process, with two writer processes."""
+    cfg = compose_in(tmp, [f"out={out}", "num_workers=2", *overrides], config_name="prepare")
+    try:
+        return prepare_data(cfg)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="module")
+def prepared_digits(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("prepared")
+    prepare_in(tmp / "digits", tmp, "source=digits")
+    return tmp / "digits"
+
+
+def streaming(input_dir: Path, **kwargs) -> StreamingDataModule:
+    meta = json.loads((Path(input_dir) / "ddpm.json").read_text())
+    shape = {"image_size": meta["image_size"], "channels": meta["channels"]}
+    return StreamingDataModule(str(input_dir), **{**shape, **kwargs})
+
+
+def test_prepared_digits_are_data_digits(prepared_digits: Path) -> None:
+    """Every split, image and label, in the order of data=digits' seeded split; the validation
+    loader streams them in that order, in [-1, 1]."""
+    digits, streamed = DigitsDataModule(), streaming(prepared_digits, batch_size=32)
+    assert streamed.data_shape == digits.data_shape and streamed.num_levels == 17
+    assert streamed.num_classes == 10
+    for name in SPLITS:
+        assert torch.equal(streamed.splits[name], digits.splits[name]), name
+        assert torch.equal(streamed.labels(name), digits.labels(name)), name
+    streamed.condition_on_labels()
+    batches = list(streamed.val_dataloader())
+    assert torch.equal(torch.cat([b[0] for b in batches]), digits.val_data)
+    assert torch.equal(torch.cat([b[1] for b in batches]), digits.labels("val"))
+
+
+def test_prepared_image_folder_is_data_image_folder(fake_data: Path, tmp_path: Path) -> None:
+    """An image folder with a class per sub-folder: resized and cropped as data=image_folder
+    does, the same splits and labels, the class names kept."""
+    meta = prepare_in(tmp_path / "out", tmp_path, f"source={fake_data / 'images'}", "image_size=16")
+    folder = ImageFolderDataModule(str(fake_data / "images"), image_size=16, channels=3)
+    streamed = streaming(tmp_path / "out")
+    assert meta["class_names"] == ["a", "b"] == streamed.class_names()
+    assert meta["examples"] == {name: len(folder.splits[name]) for name in SPLITS}
+    for name in SPLITS:
+        assert torch.equal(streamed.splits[name], folder.splits[name]), name
+        assert torch.equal(streamed.labels(name), folder.labels(name)), name
+
+
+def test_every_example_once_per_epoch_across_two_ranks(prepared_digits: Path) -> None:
+    """Two ranks of a global batch of 64 for two epochs: within an epoch no example is read
+    twice over both ranks, all but fewer than two global batches are read, the ranks yield the
+    same number of batches, and the second epoch's order is another."""
+    train = DigitsDataModule().splits["train"]
+    counts = Counter(bytes(x.numpy()) for x in train)
+    epochs: list[list[list[bytes]]] = [[], []]  # per epoch, per rank: the images read
+    for rank in (0, 1):
+        data = streaming(prepared_digits, batch_size=64)
+        data.trainer = SimpleNamespace(world_size=2, global_rank=rank, num_nodes=1)
+        loader = data.train_dataloader()
+        for epoch in range(2):
+            levels = [((x + 1) * 8).round().to(torch.uint8) for (x,) in loader]
+            assert all(len(b) == 32 for b in levels)
+            epochs[epoch].append([bytes(x.numpy()) for b in levels for x in b])
+    for ranks in epochs:
+        assert len(ranks[0]) == len(ranks[1])
+        read = Counter(ranks[0] + ranks[1])
+        assert all(read[k] <= counts[k] for k in read)  # each example at most once
+        assert sum(read.values()) > len(train) - 2 * 64
+    assert epochs[0][0] != epochs[1][0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["data.input_dir={empty}"], "is not a prepared data set (no ddpm.json)"),
+        (["data.input_dir={prepared}", "data.image_size=16"], "do not fit the prepared data set"),
+        (["data.input_dir={prepared}", "backbone.image_size=16"], "backbone=unet takes examples"),
+        (["data.input_dir=s3://ddpm-unreachable/digits"], "cannot be read (EndpointConnection"),
+    ],
+)
+def test_bad_streaming_input_is_one_sentence(
+    overrides, expected, prepared_digits, tmp_path, monkeypatch
+) -> None:
+    """Each refused by build(), before any training, in one sentence naming the key. The s3://
+    endpoint is a closed local port (with fake credentials): refused in seconds, not retried."""
+    from ddpm.cli.common import user_error_message
+    from ddpm.cli.train import build
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "fake")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake")
+    (tmp_path / "empty").mkdir()
+    keys = [o.format(empty=tmp_path / "empty", prepared=prepared_digits) for o in overrides]
+    cfg = compose_in(tmp_path, ["data=streaming", "logger=none", *keys])
+    with pytest.raises(Exception) as error:  # noqa: PT011 - what a user sees is the sentence
+        build(cfg)
+    message = user_error_message(error.value)
+    assert message is not None and "\n" not in message, message
+    assert expected in message and ("data.input_dir=" in message or "backbone" in expected)
+
+
+def test_prepare_refuses_a_folder_that_is_not_empty(prepared_digits, tmp_path, capsys) -> None:
+    """Nothing already written is touched: the prepared set is still read the same."""
+    before = (prepared_digits / "ddpm.json").read_text()
+    with pytest.raises(SystemExit):
+        prepare_in(prepared_digits, tmp_path, "source=digits")
+    assert "is not empty: choose a new folder" in capsys.readouterr().err
+    assert (prepared_digits / "ddpm.json").read_text() == before
+    with pytest.raises(SystemExit):
+        prepare_in(tmp_path / "new", tmp_path, "source=nothing_here")
+    assert "is neither a folder of images nor one of the data sets" in capsys.readouterr().err
+
+
+MEMORY_SCRIPT = """
+import sys, os, numpy as np, torch
+from ddpm.data import StreamingDataModule
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+data = StreamingDataModule(sys.argv[1], image_size=64, channels=3, batch_size=64,
+                           max_cache_size="20MB", cache_dir=sys.argv[2])
+before, cache, n = None, 0, 0
+for (x,) in data.train_dataloader():
+    n += len(x)
+    before = before or status("VmRSS")  # the first batch read: the baseline
+    cache = max(cache, sum(os.path.getsize(os.path.join(d, f))
+                           for d, _, fs in os.walk(sys.argv[2]) for f in fs))
+print(n, status("VmHWM") - before, cache)
+"""
+
+
+@pytest.mark.slow
+def test_memory_stays_bounded_streaming_five_times_the_cache_limit(tmp_path: Path) -> None:
+    """A 98 MB data set (8,000 random 64x64 RGB images, 4 MB chunks) streamed for a whole epoch
+    through a cache limited to 20 MB (`local:`: the folder read as if remote): the process's
+    peak resident memory grows by less than a third of the data set over its first batch,
+    and the cache never holds more than its limit plus one chunk."""
+    import litdata
+    import numpy as np
+
+    from ddpm.data.streaming import FORMAT, write_metadata
+
+    def example(i: int) -> dict:
+        return {"image": np.random.default_rng(i).integers(0, 256, (3, 64, 64), np.uint8)}
+
+    for name, n in {"train": 8000, "val": 64, "test": 64}.items():
+        litdata.optimize(
+            fn=example, inputs=list(range(n)), output_dir=str(tmp_path / "set" / name),
+            chunk_bytes="4MB", num_workers=2, start_method="fork", verbose=False,
+        )  # fmt: skip
+    write_metadata(str(tmp_path / "set"), {
+        "format": FORMAT, "image_size": 64, "channels": 3, "num_levels": 256,
+        "num_classes": None, "examples": {"train": 8000, "val": 64, "test": 64},
+    })  # fmt: skip
+    size = sum(f.stat().st_size for f in (tmp_path / "set").rglob("*.bin"))
+    assert size > 5 * 20e6
+    script = tmp_path / "stream.py"
+    script.write_text(textwrap.dedent(MEMORY_SCRIPT))
+    result = subprocess.run(
+        [sys.executable, str(script), f"local:{tmp_path / 'set'}", str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    read, growth, cache = map(int, result.stdout.split()[-3:])
+    print(f"data set {size / 1e6:.0f} MB: peak RSS growth {growth / 1e6:.1f} MB, "
+          f"cache at most {cache / 1e6:.1f} MB, {read} examples read")  # fmt: skip
+    assert read == 8000 // 64 * 64
+    assert growth < size / 3
+    assert cache <= 20e6 + 4.2e6
