@@ -194,8 +194,8 @@ def test_the_papers_models_commands(tmp_path: Path, monkeypatch) -> None:
     listed = commands(SECTION)
     download, *rest = listed
     assert download.startswith("huggingface-cli download google/ddpm-cifar10-32"), download
-    assert len(rest) == 6, rest
-    import_cifar, evaluate, sample, import_church, fine_tune, export = rest
+    assert len(rest) == 7, rest
+    import_cifar, evaluate, sample, prepare_church, import_church, fine_tune, export = rest
     saved_pipeline(tmp_path / "downloads" / "ddpm-cifar10-32", RELEASED["cifar10-32"])
     saved_pipeline(tmp_path / "downloads" / "ddpm-church-256", RELEASED["256"], "fixed_small")
     write_cifar10(tmp_path / "data", per_batch=250)  # 1250 training images: val_size is 1000
@@ -217,6 +217,7 @@ def test_the_papers_models_commands(tmp_path: Path, monkeypatch) -> None:
         evaluate: ["device=cpu", "fid.num_samples=4", "likelihood=[]", *cheap_samples,
                    "fid.features=classifier"],
         sample: ["num_samples=2", "sampler.steps=2"],
+        prepare_church: ["num_workers=2"],
         import_church: [],
         fine_tune: ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true",
                     "trainer.max_steps=1", "trainer.val_check_interval=1",
@@ -253,6 +254,11 @@ def test_the_papers_models_commands(tmp_path: Path, monkeypatch) -> None:
         same_chain(trained.diffusion, scheduler)
         variance = {"fixed_large": "beta", "fixed_small": "tilde_beta"}
         assert trained.diffusion.variance == variance[scheduler.config.variance_type]
+    # the 256x256 import names the prepared set it is evaluated on, streamed
+    church = torch.load(tmp_path / "checkpoints" / "ddpm-church-256.ckpt", weights_only=True)
+    data = church["hyper_parameters"]["run_config"]["data"]
+    assert data["_target_"].endswith("StreamingDataModule") and data["image_size"] == 256
+    assert (tmp_path / "prepared" / "church-256" / "ddpm.json").is_file()
     # Lightning rebuilds the imported module as any trained one
     from ddpm.module import DiffusionModule
 

@@ -356,7 +356,12 @@ def test_troubleshooting_rows(ckpt: Path, workdir: Path, tmp_path: Path) -> None
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder\n")
     (tmp_path / "no-images").mkdir()
+    from ddpm.data import DigitsDataModule
+    from ddpm.data.streaming import prepare
+
+    prepare(DigitsDataModule(), str(tmp_path / "prepared-digits"), num_workers=1)
     places = {
+        "<prepared digits>": str(tmp_path / "prepared-digits"),
         "outputs/train/linear-beta/<time>": str(previous),
         "<truncated file>": str(truncated),
         "<ckpt>": str(ckpt),

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, commands, with_overrides
 
 STEPS = 40
 COMMON = ["timesteps=50", f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1", "seed=3"]
@@ -127,14 +127,26 @@ def test_ddp_sigkill_then_auto_resume_reproduces_the_run(tmp_path: Path) -> None
     assert_same_as(reference, killed, 8, steps=20)
 
 
+PREPARE, STREAM = commands("Data")  # the README's `ddpm-prepare ...` and `python train.py ...`
+
+
 @pytest.fixture(scope="module")
 def prepared_digits(tmp_path_factory) -> Path:
-    """`ddpm-prepare source=digits out=...`, the README's command."""
+    """The README's `ddpm-prepare source=digits out=prepared/digits`, into a temporary folder."""
     out = tmp_path_factory.mktemp("prepared") / "digits"
-    command = [str(Path(sys.executable).parent / "ddpm-prepare"), "source=digits", f"out={out}"]
+    command = with_overrides(PREPARE, [f"out={out}"])
+    assert command[:2] == ["ddpm-prepare", "source=digits"], command
+    command[0] = str(Path(sys.executable).parent / "ddpm-prepare")
     result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+def streaming(prepared: Path) -> list[str]:
+    """The README's `python train.py data=streaming data.input_dir=...` keys, on `prepared`."""
+    words = with_overrides(STREAM, [f"data.input_dir={prepared}"])
+    assert words[:3] == ["python", "train.py", "data=streaming"], words
+    return words[2:]
 
 
 @pytest.mark.slow
@@ -143,8 +155,7 @@ def test_streaming_sigkill_then_auto_resume_reproduces_the_run(tmp_path, prepare
     is 11): killed after the periodic checkpoint at step 11 (the epoch's last batch), resumed,
     killed after validation's checkpoint at step 16 (mid-epoch, the second epoch), resumed to
     the end (across the next epoch's start)."""
-    stream = ["data=streaming", f"data.input_dir={prepared_digits}", "data.hflip=true"]
-    stream += ["trainer.max_steps=25"]
+    stream = [*streaming(prepared_digits), "data.hflip=true", "trainer.max_steps=25"]
     reference = tmp_path / "uninterrupted"
     train(reference, *stream)
     run_dir = tmp_path / "run"
@@ -161,8 +172,8 @@ def test_streaming_sigkill_then_auto_resume_reproduces_the_run(tmp_path, prepare
 @pytest.mark.slow
 def test_streaming_ddp_sigkill_then_auto_resume_reproduces_the_run(tmp_path, prepared_digits):
     """Two DDP processes streaming their shares, with labels (conditioning=class) and flips."""
-    ddp = [*DDP, "trainer.max_steps=20", "conditioning=class", "data=streaming"]
-    ddp += [f"data.input_dir={prepared_digits}", "data.hflip=true"]
+    ddp = [*DDP, "trainer.max_steps=20", "conditioning=class", *streaming(prepared_digits)]
+    ddp += ["data.hflip=true"]
     reference = tmp_path / "uninterrupted"
     result = train(reference, *ddp)
     assert "MEMBER: 2/2" in result.stdout + result.stderr

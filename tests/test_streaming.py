@@ -144,6 +144,12 @@ MEMORY_SCRIPT = """
 import sys, os, numpy as np, torch
 from ddpm.data import StreamingDataModule
 
+def size(path):  # 0 for a file that litdata deletes while it is being listed
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
@@ -155,7 +161,7 @@ before, cache, n = None, 0, 0
 for (x,) in data.train_dataloader():
     n += len(x)
     before = before or status("VmRSS")  # the first batch read: the baseline
-    cache = max(cache, sum(os.path.getsize(os.path.join(d, f))
+    cache = max(cache, sum(size(os.path.join(d, f))
                            for d, _, fs in os.walk(sys.argv[2]) for f in fs))
 print(n, status("VmHWM") - before, cache)
 """

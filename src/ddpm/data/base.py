@@ -196,8 +196,8 @@ class TensorDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"conditioning=class needs labelled data, but {name} data have no labels: "
                 "allowed are digits, mnist, fashion_mnist, cifar10, gmm, toy2d with "
-                "data.name=8gaussians and image_folder with one sub-folder per class; or "
-                "conditioning=none."
+                "data.name=8gaussians, image_folder with one sub-folder per class and "
+                "streaming of a labelled set; or conditioning=none."
             )
         self.conditional = True
         return self.num_classes

@@ -71,7 +71,7 @@ def read_metadata(input_dir: str, key: str = "data.input_dir") -> dict[str, Any]
     except FileNotFoundError:
         raise ValueError(
             f"{key}={input_dir!r} is not a prepared data set (no {METADATA}): write one with "
-            f"`ddpm-prepare source=<image folder or data set> out={input_dir}`."
+            f"ddpm-prepare source=<image folder or data set> out={input_dir}."
         ) from None
     except (OSError, ValueError) as error:
         raise ValueError(f"{key}={input_dir!r}: {METADATA} is unreadable ({error}).") from None
@@ -350,8 +350,11 @@ class StreamingDataModule(ImageDataModule):
         to the data set (as litdata would find them in torch.distributed). The order depends
         only on the run's seed and the epoch; training drops the last, partial batch."""
         train = split == "train"
+        # training drops the last, partial batch; validation keeps every example on one process
+        # and, in DDP, drops what would leave the ranks with unequal counts (litdata's None)
+        drop_last = True if train else None
         dataset = self.dataset(
-            split, hflip=train and self.hflip, shuffle=train, drop_last=train,
+            split, hflip=train and self.hflip, shuffle=train, drop_last=drop_last,
             seed=self.shuffle_seed % 2**32,  # litdata's RandomState takes 32 bits
         )  # fmt: skip
         trainer = self.trainer
@@ -364,7 +367,7 @@ class StreamingDataModule(ImageDataModule):
             batch_size=self.per_device_batch_size(dataset.distributed_env.world_size),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            drop_last=train,
+            drop_last=drop_last,
             # the workers' base seed from here, not from the global random state (whose draws
             # are the training step's: a validation's new iterator would move it, see base.py)
             generator=torch.Generator().manual_seed(self.shuffle_seed),
