@@ -130,14 +130,16 @@ def user_errors() -> Iterator[None]:
 # What the console would show that the project cannot fix and a user need not read: deprecation
 # notices raised inside Lightning and torchdata about their own calls, Lightning's advertising
 # tip, its warning that an epoch is shorter than log_every_n_steps (our runs count steps
-# across epochs), and torchmetrics' note that KID keeps its features (ours are small). Each is
-# matched by its message and the module that raises it, nothing wider.
+# across epochs), torchmetrics' note that KID keeps its features (ours are small), and litdata's
+# INFO lines. Each is matched by its message and the module that raises it, nothing wider.
 KNOWN_NOISE = (
     (r".*'set_vital' is deprecated", r"torchdata\.stateful_dataloader"),
     (r".*isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities"),
     (r".*torch\.distributed\.nn\.functional\.all_gather is deprecated", r"lightning\.fabric"),
     (r"The number of training batches .* is smaller than the logging interval", r"lightning"),
     (r".*Metric `Kernel Inception Distance` will save all extracted features", r"torchmetrics"),
+    # data=streaming: litdata gives each loader worker its own share, which this warns may not be
+    (r"Your `IterableDataset` has `__len__` defined", r"lightning"),
 )
 
 
@@ -148,3 +150,5 @@ def quiet_known_noise() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: not record.getMessage().startswith("💡 Tip")
     )
+    # litdata's INFO lines (the cache size it would use for a folder it reads in place, ...)
+    logging.getLogger("litdata").setLevel(logging.WARNING)
