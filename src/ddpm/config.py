@@ -64,8 +64,8 @@ def choice_or(choice: str | None, default: str) -> str:
 
 
 def register_resolvers() -> None:
-    """Register the resolvers the configs use (again is harmless); `${output_channels:C,VARIANCE}`
-        is the backbone's output channels, 2C with a learned variance; `${prepared:DIR,KEY}` is KEY
+    """Register the resolvers the configs use (again is harmless): `${output_channels:C,VARIANCE}`
+    is the backbone's output channels, 2C with a learned variance; `${prepared:DIR,KEY}` is KEY
     (image_size, channels) of the data set ddpm-prepare wrote to DIR."""
     from ddpm.data.streaming import prepared
     from ddpm.diffusion import output_channels
