@@ -111,22 +111,6 @@ def test_killed_and_continued_runs_reproduce_the_uninterrupted_one(tmp_path, uni
     assert losses(run_dir) == {**logged, **losses(run_dir)} and min(losses(run_dir)) == 0
 
 
-@pytest.mark.slow
-def test_ddp_sigkill_then_auto_resume_reproduces_the_run(tmp_path: Path) -> None:
-    """The reference is the README's `python train.py trainer=ddp trainer.accelerator=cpu
-    trainer.devices=2`, shortened, with conditioning=class: each rank's label dropout draws from
-    its own random state, which must come back with the rest."""
-    ddp = [*DDP, "trainer.max_steps=20", "conditioning=class"]  # 2 processes on 2 cores
-    reference = tmp_path / "uninterrupted"
-    result = train(reference, *ddp)
-    assert "MEMBER: 2/2" in result.stdout + result.stderr
-    killed = tmp_path / "killed"
-    overrides = [*ddp, "callbacks.periodic_checkpoint.every_n_train_steps=8"]
-    assert killed_after_checkpoint(killed, 8, *overrides) == 8
-    train(killed, "ckpt_path=auto", *overrides)
-    assert_same_as(reference, killed, 8, steps=20)
-
-
 PREPARE, STREAM = commands("Data")  # the README's `ddpm-prepare ...` and `python train.py ...`
 
 
@@ -170,10 +154,15 @@ def test_streaming_sigkill_then_auto_resume_reproduces_the_run(tmp_path, prepare
 
 
 @pytest.mark.slow
-def test_streaming_ddp_sigkill_then_auto_resume_reproduces_the_run(tmp_path, prepared_digits):
-    """Two DDP processes streaming their shares, with labels (conditioning=class) and flips."""
-    ddp = [*DDP, "trainer.max_steps=20", "conditioning=class", *streaming(prepared_digits)]
-    ddp += ["data.hflip=true"]
+@pytest.mark.parametrize("streamed", [False, True], ids=["in_memory", "streaming"])
+def test_ddp_sigkill_then_auto_resume_reproduces_the_run(tmp_path, request, streamed) -> None:
+    """The reference is the README's `python train.py trainer=ddp trainer.accelerator=cpu
+    trainer.devices=2`, shortened, with conditioning=class: each rank's label dropout draws from
+    its own random state, which must come back with the rest. Streamed: the README's
+    data=streaming command on top, flips on; each process streams its share."""
+    ddp = [*DDP, "trainer.max_steps=20", "conditioning=class"]  # 2 processes on 2 cores
+    if streamed:
+        ddp += [*streaming(request.getfixturevalue("prepared_digits")), "data.hflip=true"]
     reference = tmp_path / "uninterrupted"
     result = train(reference, *ddp)
     assert "MEMBER: 2/2" in result.stdout + result.stderr
