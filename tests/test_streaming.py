@@ -140,6 +140,21 @@ def test_prepare_refuses_a_folder_that_is_not_empty(prepared_digits, tmp_path, c
     assert "is neither a folder of images nor one of the data sets" in capsys.readouterr().err
 
 
+def test_prepare_names_an_unreadable_image(fake_data, tmp_path, capsys) -> None:
+    """The pass finishes (a worker that raised could leave litdata waiting), then one sentence
+    names the file, and no ddpm.json makes the folder a data set."""
+    import shutil
+
+    shutil.copytree(fake_data / "images", tmp_path / "images")
+    (tmp_path / "images" / "a" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit):
+        prepare_in(tmp_path / "out", tmp_path, f"source={tmp_path / 'images'}", "image_size=8")
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"Error: source='{tmp_path / 'images'}': ")
+    assert "broken.png is not a readable image" in last and "1 unreadable image(s)" in last
+    assert not (tmp_path / "out" / "ddpm.json").exists()
+
+
 MEMORY_SCRIPT = """
 import sys, os, numpy as np, torch
 from ddpm.data import StreamingDataModule

@@ -49,10 +49,12 @@ def source_data(cfg: DictConfig) -> TensorDataModule:
             f"source={source!r} is neither a folder of images nor one of the data sets "
             f"{', '.join(NAMED)}."
         )
-    return ImageFolderDataModule(
+    folder = ImageFolderDataModule(
         root=source, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
         split_seed=cfg.split_seed, **_shape(cfg, 32, 3),
     )  # fmt: skip
+    folder.root_key = "source"
+    return folder
 
 
 def _shape(cfg: DictConfig, size: int, channels: int) -> dict[str, Any]:

@@ -22,6 +22,7 @@ class ImageFolderDataModule(ImageDataModule):
     `root`, each sub-folder is a class (sorted by name, as torchvision's ImageFolder)."""
 
     num_levels = 256
+    root_key = "data.root"  # the key errors name (ddpm-prepare: source)
 
     def __init__(
         self,
@@ -47,16 +48,20 @@ class ImageFolderDataModule(ImageDataModule):
         super().__init__(batch_size, num_workers, hflip)
         self.root, self.image_size, self.channels = Path(root), image_size, channels
         self.fractions, self.split_seed = (val_fraction, test_fraction), split_seed
+        self._files: list[Path] | None = None
 
     @property
     def data_shape(self) -> tuple[int, ...]:
         return (self.channels, self.image_size, self.image_size)
 
     def files(self) -> list[Path]:
-        """The image files under `root`, sorted, so the split is the same on every machine."""
-        return sorted(
-            p for p in self.root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()
-        )
+        """The image files under `root`, sorted, so the split is the same on every machine
+        (listed once: a folder of millions takes a while)."""
+        if self._files is None:
+            found = self.root.rglob("*")
+            images = (p for p in found if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+            self._files = sorted(images)
+        return self._files
 
     def class_names(self) -> list[str] | None:
         """The sub-folders of `root` holding the images (the classes), or None when an image lies
@@ -94,14 +99,15 @@ class ImageFolderDataModule(ImageDataModule):
     def check(self) -> None:
         if not self.root.is_dir():
             raise ValueError(
-                f"data.root={str(self.root)!r} is not a folder: data=image_folder needs a folder "
-                "of images."
+                f"{self.root_key}={str(self.root)!r} is not a folder: data=image_folder needs a "
+                "folder of images."
             )
         files = self.files()
         if len(files) < 3:
             raise ValueError(
-                f"data.root={str(self.root)!r} holds {len(files)} image(s): data=image_folder "
-                f"needs at least 3 (one per split), with extensions {', '.join(IMG_EXTENSIONS)}."
+                f"{self.root_key}={str(self.root)!r} holds {len(files)} image(s): "
+                "data=image_folder needs at least 3 (one per split), with extensions "
+                f"{', '.join(IMG_EXTENSIONS)}."
             )
 
     def load(self, path: Path) -> torch.Tensor:
@@ -118,7 +124,7 @@ class ImageFolderDataModule(ImageDataModule):
                 return resize(image.convert(MODES[self.channels]))
         except OSError as error:
             raise ValueError(
-                f"data.root={str(self.root)!r}: {path} is not a readable image ({error})."
+                f"{self.root_key}={str(self.root)!r}: {path} is not a readable image ({error})."
             ) from error
 
     def make_splits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

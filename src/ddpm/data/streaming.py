@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -123,16 +125,26 @@ def _tensor_example(images: torch.Tensor, labels: torch.Tensor | None, i: int) -
     return example if labels is None else {**example, "label": int(labels[i])}
 
 
-def _file_example(load: Callable[[Path], torch.Tensor], item: tuple[Path, int | None]) -> dict:
+def _file_example(
+    load: Callable[[Path], torch.Tensor], shape: tuple, errors: str, item: tuple[Path, int | None]
+) -> dict:
+    """One image file's example. An unreadable file is noted in the folder `errors` and stands
+    as a blank image, so that the writers finish (litdata can hang when a worker raises) and
+    `prepare` refuses the set in one sentence."""
     path, label = item
-    example = {"image": load(path).numpy()}
-    return example if label is None else {**example, "label": label}
+    try:
+        image = load(path).numpy()
+    except ValueError as error:
+        with (Path(errors) / f"{os.getpid()}.txt").open("a") as noted:
+            noted.write(f"{error}\n")
+        image = np.zeros(shape, np.uint8)
+    return {"image": image} if label is None else {"image": image, "label": label}
 
 
-def split_inputs(data: TensorDataModule) -> dict[str, tuple[Callable, Sequence]]:
+def split_inputs(data: TensorDataModule, errors: str) -> dict[str, tuple[Callable, Sequence]]:
     """Per split, a function making one example and the inputs it is mapped over: file paths
-    read in the workers for an image folder (its images never all in memory), indices into
-    the splits held in memory for the other data sets."""
+    read in the workers for an image folder (its images never all in memory; unreadable ones
+    noted in the folder `errors`), indices into the splits held in memory for the others."""
     from ddpm.data.image_folder import ImageFolderDataModule
 
     if isinstance(data, ImageFolderDataModule):
@@ -140,7 +152,8 @@ def split_inputs(data: TensorDataModule) -> dict[str, tuple[Callable, Sequence]]
         out = {}
         for name, indices in zip(SPLITS, data.split_indices(), strict=True):
             items = [(files[i], None if labels is None else labels[i]) for i in indices.tolist()]
-            out[name] = (functools.partial(_file_example, data.load), items)
+            make = functools.partial(_file_example, data.load, data.data_shape, errors)
+            out[name] = (make, items)
         return out
     return {
         name: (
@@ -162,17 +175,24 @@ def prepare(
     with litdata's progress bar), then `ddpm.json`; the metadata."""
     check_int("num_workers", num_workers)
     counts = {}
-    for name, (make_example, inputs) in split_inputs(data).items():
-        litdata.optimize(
-            fn=make_example,
-            inputs=inputs,
-            output_dir=join(out, name),
-            chunk_bytes=chunk_bytes,
-            num_workers=min(num_workers, len(inputs)),
-            keep_data_ordered=True,  # the split's order, so a prepared set is reproducible
-            start_method="fork",
-        )
-        counts[name] = len(inputs)
+    with tempfile.TemporaryDirectory() as errors:
+        for name, (make_example, inputs) in split_inputs(data, errors).items():
+            litdata.optimize(
+                fn=make_example,
+                inputs=inputs,
+                output_dir=join(out, name),
+                chunk_bytes=chunk_bytes,
+                num_workers=min(num_workers, len(inputs)),
+                keep_data_ordered=True,  # the split's order, so a prepared set is reproducible
+                start_method="fork",
+            )
+            counts[name] = len(inputs)
+            failed = [line for f in Path(errors).iterdir() for line in f.read_text().splitlines()]
+            if failed:  # no ddpm.json: what was written is not taken for a data set
+                raise ValueError(
+                    f"{min(failed).rstrip('.')} ({len(failed)} unreadable image(s) in the {name} "
+                    "split; remove or replace them and prepare again into a new folder)."
+                )
     channels, image_size, _ = data.data_shape
     names = getattr(data, "class_names", lambda: None)()
     metadata = {
