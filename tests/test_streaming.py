@@ -128,6 +128,17 @@ def test_bad_streaming_input_is_one_sentence(
     assert expected in message and ("data.input_dir=" in message or "backbone" in expected)
 
 
+def test_a_streamed_run_samples_without_its_data(tmp_path: Path) -> None:
+    """ddpm-sample on another machine: the run's config holds the set's size, channels and
+    levels, so samples are stored and shown without the set; what reads it says it is gone."""
+    data = StreamingDataModule(str(tmp_path / "gone"), image_size=8, channels=1, num_levels=17)
+    stored = data.store(torch.full((2, 1, 8, 8), 1.0))
+    assert stored["samples"].shape == (2, 8, 8, 1) and int(stored["num_levels"]) == 17
+    assert (stored["samples"] == 16).all() and data.show(torch.zeros(2, 1, 8, 8)).ndim == 3
+    with pytest.raises(ValueError, match="is not a prepared data set"):
+        data.check()
+
+
 def test_prepare_refuses_a_folder_that_is_not_empty(prepared_digits, tmp_path, capsys) -> None:
     """Nothing already written is touched: the prepared set is still read the same."""
     before = (prepared_digits / "ddpm.json").read_text()

@@ -261,6 +261,7 @@ class StreamingDataModule(ImageDataModule):
         input_dir: str,
         image_size: int | None = None,
         channels: int | None = None,
+        num_levels: int | None = None,
         hflip: bool = False,
         batch_size: int = 128,
         num_workers: int = 0,
@@ -270,29 +271,30 @@ class StreamingDataModule(ImageDataModule):
     ) -> None:
         check_int("data.max_in_memory", max_in_memory)
         super().__init__(batch_size, num_workers, hflip)
-        self.metadata = read_metadata(str(input_dir))
-        self.input_dir = str(input_dir)
+        self.typed_input_dir = self.input_dir = str(input_dir)
         if not is_remote(self.input_dir):  # as litdata resolves it (a resume compares the two)
             absolute = str(local_folder(self.input_dir).absolute())
             prefix = "local:" if self.input_dir.startswith("local:") else ""
             self.input_dir = prefix + absolute
-        shape = (self.metadata["channels"], self.metadata["image_size"])
-        if (channels, image_size) != shape:
-            raise ValueError(
-                f"data.image_size={image_size!r} and data.channels={channels!r} do not fit the "
-                f"prepared data set data.input_dir={input_dir!r}: its images are "
-                f"{shape[1]}x{shape[1]} with {shape[0]} channel(s); leave both to the config "
-                "(read from the set), or prepare it again with ddpm-prepare image_size=... "
-                "channels=...."
-            )
-        self.num_levels = self.metadata["num_levels"]
+        if None in (image_size, channels, num_levels):  # the config could not read the set
+            meta = self.metadata  # why, in one sentence
+            image_size = meta["image_size"] if image_size is None else image_size
+            channels = meta["channels"] if channels is None else channels
+            num_levels = meta["num_levels"] if num_levels is None else num_levels
+        # Shown and stored without the data (ddpm-sample on another machine): the set itself is
+        # read, and these checked against it, when training or evaluation needs it (check()).
+        self.image_size, self.channels, self.num_levels = image_size, channels, num_levels
         self.max_cache_size, self.cache_dir = max_cache_size, cache_dir
         self.max_in_memory = max_in_memory
 
+    @functools.cached_property
+    def metadata(self) -> dict[str, Any]:
+        """The prepared set's ddpm.json (a one-sentence ValueError when it cannot be read)."""
+        return read_metadata(self.typed_input_dir)
+
     @property
     def data_shape(self) -> tuple[int, ...]:
-        size = self.metadata["image_size"]
-        return (self.metadata["channels"], size, size)
+        return (self.channels, self.image_size, self.image_size)
 
     @property
     def num_classes(self) -> int | None:
@@ -302,6 +304,22 @@ class StreamingDataModule(ImageDataModule):
         return self.metadata.get("class_names")
 
     def check(self) -> None:
+        meta, typed = self.metadata, self.typed_input_dir
+        shape = (meta["channels"], meta["image_size"])
+        if (self.channels, self.image_size) != shape:
+            raise ValueError(
+                f"data.image_size={self.image_size!r} and data.channels={self.channels!r} do not "
+                f"fit the prepared data set data.input_dir={typed!r}: its images are "
+                f"{shape[1]}x{shape[1]} with {shape[0]} channel(s); leave both to the config "
+                "(read from the set), or prepare it again with ddpm-prepare image_size=... "
+                "channels=...."
+            )
+        if self.num_levels != meta["num_levels"]:
+            raise ValueError(
+                f"data.num_levels={self.num_levels!r} differs from the {meta['num_levels']} "
+                f"levels of the prepared data set data.input_dir={typed!r}: leave it to the "
+                "config (read from the set)."
+            )
         if is_remote(self.input_dir):
             return  # ddpm.json was read; litdata reads the rest
         for name in SPLITS:
