@@ -75,6 +75,19 @@ def test_prepared_image_folder_is_data_image_folder(fake_data: Path, tmp_path: P
         assert torch.equal(streamed.labels(name), folder.labels(name)), name
 
 
+def test_prepared_cifar10_is_data_cifar10(fake_data: Path, tmp_path: Path) -> None:
+    """A torchvision set (fake CIFAR-10 files), read from `root` and split by `val_size` as
+    data=cifar10 does."""
+    from ddpm.data import CIFAR10DataModule
+
+    prepare_in(tmp_path / "out", tmp_path, "source=cifar10", f"root={fake_data}", "val_size=4")
+    cifar = CIFAR10DataModule(str(fake_data), val_size=4, image_size=32, channels=3)
+    streamed = streaming(tmp_path / "out")
+    for name in SPLITS:
+        assert torch.equal(streamed.splits[name], cifar.splits[name]), name
+        assert torch.equal(streamed.labels(name), cifar.labels(name)), name
+
+
 def test_every_example_once_per_epoch_across_two_ranks(prepared_digits: Path) -> None:
     """Two ranks of a global batch of 64 for two epochs: within an epoch no example is read
     twice over both ranks, all but fewer than two global batches are read, the ranks yield the
