@@ -112,11 +112,11 @@ class Guided(nn.Module):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if y is not None and self.scale == 1:
+            return self.model(x, t, y=y)
         null = null_labels(self.num_classes, x.shape[0], x.device)
         if y is None or self.scale == 0:
             return self.model(x, t, y=null)
-        if self.scale == 1:
-            return self.model(x, t, y=y)
         both = self.model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null]))
         cond, uncond = both.chunk(2)
         c = self.channels

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpm.checkpoint import Trained
 from ddpm.checks import check_int
-from ddpm.conditioning import Guided, check_guidance_scale, check_labels
+from ddpm.conditioning import Guided, batch_labels, check_guidance_scale, check_labels
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.distributed import batch_seed, gather_in_order, my_share, world
 from ddpm.samplers import DDIM, ODE, Ancestral, DPMSolver, Sampler, UniPC
@@ -157,19 +157,17 @@ def generate(
         log.info(f"sampling {len(starts)} batches on {size} processes")
     done = []
     for index, start in my_share(starts):  # every process its share, when torchrun started many
-        stop = min(start + batch_size, num_samples)
-        y = {} if labels is None else {"y": labels[start:stop].to(device)}
         x, marked = run_sampler(
             sampler,
             diffusion,
             model,
-            (stop - start, *shape),
+            (min(batch_size, num_samples - start), *shape),
             torch.Generator().manual_seed(batch_seed(seed, index)),
             clip_denoised,
             trajectory_points if start == 0 else 0,
             keep,
             progress=True,
-            **y,
+            **batch_labels(labels, index, batch_size, device),
         )
         done.append((index, (x.cpu(), marked)))
     batches = gather_in_order(done)

@@ -232,20 +232,24 @@ class TensorDataModule(pl.LightningDataModule):
             )
         return self.batch_size // world_size
 
+    def training_examples(self) -> int:
+        """How many training examples there are (here: the split, loaded)."""
+        return len(self.splits["train"])
+
     def check_training_batches(self, world_size: int) -> None:
-        """Load the splits (their own errors are one sentence) and refuse a global batch larger
-        than the training split, which would train no step at all (the last, partial batch is
-        dropped). Skipped while a download is pending (the files come in `prepare_data`)."""
+        """Count the training examples (data held in memory: loading the splits, whose own
+        errors are one sentence) and refuse a global batch larger than the training split, which
+        would train no step at all (the last, partial batch is dropped). Skipped while a
+        download is pending (the files come in `prepare_data`)."""
         if getattr(self, "download", False):
             return
         per_device = self.per_device_batch_size(world_size)
-        examples = len(self.splits["train"]) // world_size
-        if examples < per_device:
+        total = self.training_examples()
+        if total // world_size < per_device:
             name = type(self).__name__.removesuffix("DataModule")
             raise ValueError(
                 f"data.batch_size={self.batch_size} leaves no training batch: {name} has "
-                f"{len(self.splits['train'])} training examples for {world_size} process(es); "
-                "lower data.batch_size."
+                f"{total} training examples for {world_size} process(es); lower data.batch_size."
             )
 
     def setup(self, stage: str | None = None) -> None:

@@ -22,6 +22,7 @@ from litdata.utilities.env import _DistributedEnv
 
 from ddpm.checks import check_int
 from ddpm.data.base import SPLITS, ImageDataModule, TensorDataModule, to_model_range
+from ddpm.distributed import batch_seed
 
 METADATA = "ddpm.json"
 FORMAT = "ddpm-prepared-images"
@@ -214,23 +215,30 @@ def prepare(
 
 
 class StreamingImages(litdata.StreamingDataset):
-    """litdata's StreamingDataset of a prepared split, as model inputs: (x,) or, with `labels`,
-    (x, y), x in [-1, 1]. With `hflip` an image is mirrored when a draw seeded by (seed, epoch,
-    its index) says so: the flips of a resumed run are the uninterrupted run's."""
+    """litdata's StreamingDataset of a prepared split of `size` examples, as model inputs: (x,)
+    or, with `labels`, (x, y), x in [-1, 1]. With `hflip` the flips are drawn once per epoch,
+    one per example, as `EpochSampler` draws them (from the seed and the epoch): a resumed run's
+    are the uninterrupted run's."""
 
     def __init__(
-        self, input_dir: str, num_levels: int, labels: bool, hflip: bool, **kwargs: Any
+        self, input_dir: str, size: int, num_levels: int, labels: bool, hflip: bool, **kwargs: Any
     ) -> None:
         super().__init__(input_dir, **kwargs)
-        self.num_levels, self.with_labels, self.hflip = num_levels, labels, hflip
+        self.size, self.num_levels, self.with_labels, self.hflip = size, num_levels, labels, hflip
+        self._flips: tuple[int, np.ndarray] | None = None  # (epoch, a flip per example)
+
+    def flips(self) -> np.ndarray:
+        """This epoch's flips, a bool per example of the split."""
+        if self._flips is None or self._flips[0] != self.current_epoch:
+            g = torch.Generator().manual_seed(batch_seed(self.seed, self.current_epoch))
+            self._flips = (self.current_epoch, (torch.rand(self.size, generator=g) < 0.5).numpy())
+        return self._flips[1]
 
     def __getitem__(self, index: Any) -> Any:
         example = super().__getitem__(index)
         x = to_model_range(torch.from_numpy(example["image"]), self.num_levels)
-        if self.hflip:
-            position = getattr(index, "index", index)
-            draw = np.random.default_rng((self.seed, self.current_epoch, position)).random()
-            x = x.flip(-1) if draw < 0.5 else x
+        if self.hflip and self.flips()[getattr(index, "index", index)]:
+            x = x.flip(-1)
         return (x, torch.tensor(example["label"])) if self.with_labels else (x,)
 
 
@@ -330,27 +338,14 @@ class StreamingDataModule(ImageDataModule):
                     "missing): prepare the data set again with ddpm-prepare."
                 )
 
-    def dataset(self, split: str, **kwargs: Any) -> StreamingImages:
-        """The streamed split `split` (litdata's StreamingDataset, with `kwargs`)."""
-        self.check()
-        return StreamingImages(
-            join(self.input_dir, split),
-            num_levels=self.num_levels,
-            labels=self.conditional,
-            hflip=kwargs.pop("hflip", False),
-            max_cache_size=self.max_cache_size,
-            cache_dir=self.cache_dir,
-            **kwargs,
-        )
-
     def _read_split(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The first `max_in_memory` examples of a split as uint8 levels, and their labels."""
-        dataset = StreamingImages(
-            join(self.input_dir, name), num_levels=self.num_levels, labels=False, hflip=False,
-            max_cache_size=self.max_cache_size, cache_dir=self.cache_dir,
+        dataset = litdata.StreamingDataset(
+            join(self.input_dir, name), max_cache_size=self.max_cache_size,
+            cache_dir=self.cache_dir,
         )  # fmt: skip
-        n = min(len(dataset), self.max_in_memory)
-        examples = [litdata.StreamingDataset.__getitem__(dataset, i) for i in range(n)]
+        n = min(self.metadata["examples"][name], self.max_in_memory)
+        examples = [dataset[i] for i in range(n)]
         images = torch.from_numpy(np.stack([e["image"] for e in examples]))
         labels = [e["label"] for e in examples if "label" in e]
         return images, (torch.tensor(labels) if labels else None)
@@ -368,15 +363,8 @@ class StreamingDataModule(ImageDataModule):
             return None
         return tuple(self._in_memory[name][1] for name in SPLITS)  # type: ignore[return-value]
 
-    def check_training_batches(self, world_size: int) -> None:
-        per_device = self.per_device_batch_size(world_size)
-        examples = self.metadata["examples"]["train"]
-        if examples // world_size < per_device:
-            raise ValueError(
-                f"data.batch_size={self.batch_size} leaves no training batch: the prepared set "
-                f"has {examples} training examples for {world_size} process(es); lower "
-                "data.batch_size."
-            )
+    def training_examples(self) -> int:
+        return self.metadata["examples"]["train"]
 
     def setup(self, stage: str | None = None) -> None:
         """Nothing is loaded: the splits are streamed."""
@@ -391,10 +379,19 @@ class StreamingDataModule(ImageDataModule):
         # training drops the last, partial batch; validation keeps every example on one process
         # and, in DDP, drops what would leave the ranks with unequal counts (litdata's None)
         drop_last = True if train else None
-        dataset = self.dataset(
-            split, hflip=train and self.hflip, shuffle=train, drop_last=drop_last,
+        self.check()
+        dataset = StreamingImages(
+            join(self.input_dir, split),
+            size=self.metadata["examples"][split],
+            num_levels=self.num_levels,
+            labels=self.conditional,
+            hflip=train and self.hflip,
+            shuffle=train,
+            drop_last=drop_last,
             seed=self.shuffle_seed % 2**32,  # litdata's RandomState takes 32 bits
-        )  # fmt: skip
+            max_cache_size=self.max_cache_size,
+            cache_dir=self.cache_dir,
+        )
         trainer = self.trainer
         if trainer is not None:
             dataset.distributed_env = _DistributedEnv(
