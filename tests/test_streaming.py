@@ -36,8 +36,11 @@ def prepare_in(out: Path, tmp: Path, *overrides: str) -> dict:
 
 @pytest.fixture(scope="module")
 def prepared_digits(tmp_path_factory) -> Path:
+    """The digits in chunks of 16 KB (92 KB of training images: several chunks per split, so
+    that the shards and shuffles below deal chunks)."""
     tmp = tmp_path_factory.mktemp("prepared")
-    prepare_in(tmp / "digits", tmp, "source=digits")
+    prepare_in(tmp / "digits", tmp, "source=digits", "chunk_bytes=16KB")
+    assert len(list((tmp / "digits" / "train").glob("chunk-*.bin"))) >= 4
     return tmp / "digits"
 
 
@@ -56,6 +59,9 @@ def test_prepared_digits_are_data_digits(prepared_digits: Path) -> None:
     for name in SPLITS:
         assert torch.equal(streamed.splits[name], digits.splits[name]), name
         assert torch.equal(streamed.labels(name), digits.labels(name)), name
+    capped = streaming(prepared_digits, max_in_memory=100)  # what a score holds: the first 100
+    assert torch.equal(capped.splits["train"], digits.splits["train"][:100])
+    assert torch.equal(capped.splits["val"], digits.splits["val"][:100])
     streamed.condition_on_labels()
     batches = list(streamed.val_dataloader())
     assert torch.equal(torch.cat([b[0] for b in batches]), digits.val_data)
@@ -63,10 +69,15 @@ def test_prepared_digits_are_data_digits(prepared_digits: Path) -> None:
 
 
 def test_prepared_image_folder_is_data_image_folder(fake_data: Path, tmp_path: Path) -> None:
-    """An image folder with a class per sub-folder: resized and cropped as data=image_folder
-    does, the same splits and labels, the class names kept."""
-    meta = prepare_in(tmp_path / "out", tmp_path, f"source={fake_data / 'images'}", "image_size=16")
-    folder = ImageFolderDataModule(str(fake_data / "images"), image_size=16, channels=3)
+    """An image folder with a class per sub-folder: resized, cropped and made grey as
+    data=image_folder does, the same splits (other fractions and seed than the defaults) and
+    labels, the class names kept."""
+    keys = ["image_size=16", "channels=1", "val_fraction=0.25", "test_fraction=0.2", "split_seed=3"]
+    meta = prepare_in(tmp_path / "out", tmp_path, f"source={fake_data / 'images'}", *keys)
+    folder = ImageFolderDataModule(
+        str(fake_data / "images"), image_size=16, channels=1, val_fraction=0.25,
+        test_fraction=0.2, split_seed=3,
+    )  # fmt: skip
     streamed = streaming(tmp_path / "out")
     assert meta["class_names"] == ["a", "b"] == streamed.class_names()
     assert meta["examples"] == {name: len(folder.splits[name]) for name in SPLITS}
@@ -134,6 +145,30 @@ def test_flips_mirror_about_half_of_the_examples_anew_each_epoch(prepared_digits
     assert (first != dataset.flips()).mean() > 0.4
 
 
+def test_a_loader_with_workers_resumes_mid_epoch_as_the_uninterrupted_one(prepared_digits):
+    """data.num_workers=2, flips on: the state after 8 batches, loaded into a new loader, reads
+    the rest of that epoch and all of the next as an uninterrupted loader does, batch for batch
+    (the end-to-end SIGKILL tests run without workers, the default)."""
+
+    def loader():
+        data = streaming(prepared_digits, batch_size=64, hflip=True, num_workers=2)
+        return data.train_dataloader()
+
+    whole = loader()
+    reference = [x for (x,) in whole] + [x for (x,) in whole]
+    first = loader()
+    batches = iter(first)
+    read = [next(batches)[0] for _ in range(8)]
+    state = first.state_dict()
+    del batches
+    resumed = loader()
+    resumed.load_state_dict(state)
+    read += [x for (x,) in resumed]  # the rest of the epoch
+    read += [x for (x,) in resumed]  # the next one
+    assert len(read) == len(reference)
+    assert all(torch.equal(a, b) for a, b in zip(read, reference, strict=True))
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
@@ -141,6 +176,9 @@ def test_flips_mirror_about_half_of_the_examples_anew_each_epoch(prepared_digits
         (["data.input_dir={prepared}", "data.image_size=16"], "do not fit the prepared data set"),
         (["data.input_dir={prepared}", "backbone.image_size=16"], "backbone=unet takes examples"),
         (["data.input_dir=s3://ddpm-unreachable/digits"], "cannot be read (EndpointConnection"),
+        (["data.input_dir={prepared}", "data.max_cache_size=lots"], "max_cache_size='lots' is"),
+        (["data.input_dir={prepared}", "data.max_in_memory=0"], "max_in_memory=0 is invalid"),
+        (["data.input_dir={prepared}", "data.num_levels=256"], "differs from the 17 levels"),
     ],
 )
 def test_bad_streaming_input_is_one_sentence(
@@ -161,7 +199,7 @@ def test_bad_streaming_input_is_one_sentence(
         build(cfg)
     message = user_error_message(error.value)
     assert message is not None and "\n" not in message, message
-    assert expected in message and ("data.input_dir=" in message or "backbone" in expected)
+    assert expected in message and ("data." in message or "backbone" in expected)
 
 
 def test_a_streamed_run_samples_without_its_data(tmp_path: Path) -> None:

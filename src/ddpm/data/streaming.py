@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +27,24 @@ from ddpm.distributed import batch_seed
 
 METADATA = "ddpm.json"
 FORMAT = "ddpm-prepared-images"
+
+
+# data.max_cache_size as litdata reads it: bytes, or a number with one of its units
+CACHE_SIZE = re.compile(r"\s*\d+(\.\d+)?\s*(tb|gb|mb|kb|t|g|m|k|b)?\s*", re.IGNORECASE)
+
+
+def check_cache_size(value: Any) -> None:
+    """`data.max_cache_size`: null, a size (100GB, 500MB, bytes) or a fraction of the free disk."""
+    if value is None or isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return
+    if isinstance(value, float) and 0 < value <= 1:
+        return
+    if isinstance(value, str) and CACHE_SIZE.fullmatch(value):
+        return
+    raise ValueError(
+        f"data.max_cache_size={value!r} is invalid: allowed are null (litdata's default), a size "
+        "such as 100GB or 500MB (units tb, gb, mb, kb) and a fraction of the free disk in (0, 1]."
+    )
 
 
 def is_remote(path: str) -> bool:
@@ -278,6 +297,7 @@ class StreamingDataModule(ImageDataModule):
         max_in_memory: int = 10000,
     ) -> None:
         check_int("data.max_in_memory", max_in_memory)
+        check_cache_size(max_cache_size)
         super().__init__(batch_size, num_workers, hflip)
         self.typed_input_dir = self.input_dir = str(input_dir)
         if not is_remote(self.input_dir):  # as litdata resolves it (a resume compares the two)
